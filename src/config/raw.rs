@@ -1,0 +1,242 @@
+//! Serde structs that mirror the TOML file one to one. Everything a connector may carry is
+//! optional here, so that validation can report every missing field at once instead of serde
+//! stopping at the first.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::secret::SecretSource;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub upstream: RawUpstream,
+    pub oauth: RawOAuth,
+    pub orgs: BTreeMap<String, Spanned<RawOrg>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub connector_header: Spanned<String>,
+    pub org_header: Spanned<String>,
+    pub max_connectors_per_org: usize,
+    pub max_concurrent_requests: usize,
+    pub header_read_timeout: HumanDuration,
+    pub max_header_bytes: ByteSize,
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            connector_header: Spanned::new(0..0, "x-connector-name".into()),
+            org_header: Spanned::new(0..0, "x-org-id".into()),
+            max_connectors_per_org: 10,
+            max_concurrent_requests: 10_000,
+            header_read_timeout: HumanDuration(Duration::from_secs(10)),
+            max_header_bytes: ByteSize(64 * 1024),
+            shutdown_grace: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    pub connect_timeout: HumanDuration,
+    pub request_timeout: HumanDuration,
+    pub max_replay_body: ByteSize,
+    pub extra_ca_file: Option<Spanned<String>>,
+    pub allow_networks: Vec<Spanned<String>>,
+    pub resolve: BTreeMap<String, Spanned<String>>,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            connect_timeout: HumanDuration(Duration::from_secs(5)),
+            request_timeout: HumanDuration(Duration::from_secs(30)),
+            max_replay_body: ByteSize(1024 * 1024),
+            extra_ca_file: None,
+            allow_networks: Vec::new(),
+            resolve: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOAuth {
+    pub refresh_before_expiry: HumanDuration,
+    pub default_expires_in: HumanDuration,
+    pub token_timeout: HumanDuration,
+}
+
+impl Default for RawOAuth {
+    fn default() -> Self {
+        Self {
+            refresh_before_expiry: HumanDuration(Duration::from_secs(60)),
+            default_expires_in: HumanDuration(Duration::from_secs(300)),
+            token_timeout: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOrg {
+    pub inbound_token: Option<Spanned<SecretSource>>,
+    pub connectors: BTreeMap<String, Spanned<RawConnector>>,
+}
+
+/// Every key any connector kind may carry; which ones apply is checked in validation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConnector {
+    pub auth: Option<Spanned<AuthKind>>,
+    pub grant: Option<Spanned<GrantKind>>,
+    pub client_auth: Option<Spanned<ClientAuthKind>>,
+    pub resource_domain: Option<Spanned<String>>,
+    pub validation_url: Option<Spanned<String>>,
+    pub token_url: Option<Spanned<String>>,
+    pub client_id: Option<Spanned<String>>,
+    pub client_secret: Option<Spanned<SecretSource>>,
+    pub username: Option<Spanned<String>>,
+    pub password: Option<Spanned<SecretSource>>,
+    pub certificate: Option<Spanned<SecretSource>>,
+    pub private_key: Option<Spanned<SecretSource>>,
+    pub client_assertion_alg: Option<Spanned<AssertionAlg>>,
+    pub scope: Option<Spanned<String>>,
+    pub extra_params: Option<Spanned<BTreeMap<String, String>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthKind {
+    Basic,
+    Oauth2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    ClientCredentials,
+    Password,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthKind {
+    ClientSecretBasic,
+    ClientSecretPost,
+    PrivateKeyJwt,
+    TlsClientAuth,
+}
+
+/// JWS algorithms for `private_key_jwt` client assertions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AssertionAlg {
+    RS256,
+    PS256,
+    ES256,
+}
+
+/// A humantime duration ("5s", "2m", "1h 30m").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map(HumanDuration).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration {text:?}: {e}; write a duration such as \"500ms\", \"5s\" or \"2m\""
+            ))
+        })
+    }
+}
+
+/// A size in bytes: a whole number, or a string such as "64KiB", "1MiB", "512B".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Option<u64> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number.parse().ok()?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            _ => return None,
+        };
+        number.checked_mul(factor)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a byte count or a size such as "64KiB" or "1MiB""#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map(ByteSize).ok_or_else(|| {
+                    E::custom(format!(
+                        "invalid size {v:?}: write a byte count or a size such as \"64KiB\" or \"1MiB\""
+                    ))
+                })
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_accept_binary_units_and_plain_counts() {
+        assert_eq!(ByteSize::parse("64KiB"), Some(65_536));
+        assert_eq!(ByteSize::parse("1MiB"), Some(1_048_576));
+        assert_eq!(ByteSize::parse("4096"), Some(4096));
+        assert_eq!(ByteSize::parse("1 MiB"), Some(1_048_576));
+        assert_eq!(ByteSize::parse("1 MiBs"), None);
+        assert_eq!(ByteSize::parse("-1"), None);
+    }
+
+    #[test]
+    fn empty_file_takes_every_default() {
+        let raw: RawConfig = toml::from_str("").unwrap();
+        assert_eq!(raw.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(raw.server.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(raw.upstream.max_replay_body, ByteSize(1 << 20));
+        assert_eq!(raw.oauth.default_expires_in.0, Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,5 @@
+//! connector-proxy: an authenticating HTTP egress proxy.
+#![forbid(unsafe_code)]
+
+pub mod secret;
+pub mod target;

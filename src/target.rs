@@ -1,0 +1,298 @@
+//! The request target and the resource-domain rule.
+//!
+//! Pure: no I/O, no request types beyond [`http::Uri`], so it can be property-tested and fuzzed
+//! alone. The rule is checked on a canonical form of the target, and that same canonical form is
+//! what gets forwarded: the proxy never sends a URL other than the one it checked.
+//!
+//! A path passes only when it lies under the resource domain's path under two readings:
+//! literally (segments split on `/`, dot-segments removed, `%2e` counted as `.`), and as a
+//! decoding server might read it (`%2f`, `%5c` and `\` also split segments, `;params` are
+//! ignored when spotting dot-segments, as Tomcat does). The forwarded path has its
+//! dot-segments removed, so an upstream that normalises again cannot climb out either.
+
+use std::fmt;
+
+use http::uri::{Scheme, Uri};
+use url::Host;
+
+/// A connector's `resource_domain`, parsed and normalised once at configuration time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResourceDomain {
+    host: Host<String>,
+    port: u16,
+    /// Path segments that every target must start with; empty for a bare host.
+    base: Vec<String>,
+    /// `base` joined as a path without a trailing slash ("" or "/v2").
+    base_path: String,
+}
+
+/// Why a resource domain in the configuration is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    #[error("is not a URL ({0}); write an https URL such as \"https://api.example.com/v2\"")]
+    NotUrl(String),
+    #[error("must use https, not {0}")]
+    NotHttps(String),
+    #[error("has no host; write an https URL such as \"https://api.example.com\"")]
+    NoHost,
+    #[error("must not carry a user name or password")]
+    Userinfo,
+    #[error("must not carry a query or fragment; keep only scheme, host, port and path")]
+    QueryOrFragment,
+    #[error("path must not contain encoded '/' or '\\' or empty segments")]
+    AmbiguousPath,
+}
+
+/// Why a request target is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetError {
+    /// Not a target the proxy can interpret at all (400 `bad_target`).
+    Malformed(&'static str),
+    /// A well-formed target outside the resource domain (403 `target_outside_resource_domain`).
+    Outside(&'static str),
+}
+
+impl fmt::Display for TargetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Malformed(why) | Self::Outside(why) => f.write_str(why),
+        }
+    }
+}
+
+/// A target that passed the rule: the exact URI to forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub uri: Uri,
+}
+
+impl ResourceDomain {
+    pub fn parse(text: &str) -> Result<Self, DomainError> {
+        let url = url::Url::parse(text).map_err(|e| DomainError::NotUrl(e.to_string()))?;
+        if url.scheme() != "https" {
+            return Err(DomainError::NotHttps(url.scheme().to_owned()));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(DomainError::Userinfo);
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(DomainError::QueryOrFragment);
+        }
+        let host = canonical_host(url.host().ok_or(DomainError::NoHost)?.to_owned());
+        let port = url.port_or_known_default().unwrap_or(443);
+        // The url crate has already removed dot-segments (including %2e forms).
+        let path = url.path().trim_end_matches('/');
+        let base: Vec<String> = path.split('/').skip(1).map(str::to_owned).collect();
+        let ambiguous = |s: &String| {
+            let lower = s.to_ascii_lowercase();
+            s.is_empty() || s.contains('\\') || lower.contains("%2f") || lower.contains("%5c")
+        };
+        if base.iter().any(ambiguous) {
+            return Err(DomainError::AmbiguousPath);
+        }
+        Ok(Self { host, port, base_path: path.to_owned(), base })
+    }
+
+    /// The canonical host, as sent in `Host` and used for pins and logs.
+    pub fn host(&self) -> String {
+        self.host.to_string()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Applies the rule to a request target (absolute-form or origin-form).
+    pub fn resolve(&self, target: &Uri) -> Result<Target, TargetError> {
+        let path = if target.scheme().is_some() {
+            self.check_authority(target)?;
+            target.path()
+        } else if target.authority().is_some() {
+            return Err(TargetError::Malformed(
+                "authority-form targets are only for CONNECT; send an absolute https URL or a path",
+            ));
+        } else if target.path().starts_with('/') {
+            ""
+        } else {
+            return Err(TargetError::Malformed(
+                "the target must be an absolute https URL or a path starting with '/'",
+            ));
+        };
+        let joined;
+        let path = if path.is_empty() {
+            joined = format!("{}{}", self.base_path, target.path());
+            joined.as_str()
+        } else {
+            path
+        };
+        let path = self.check_path(path)?;
+        let mut uri = String::with_capacity(path.len() + 64);
+        uri.push_str("https://");
+        uri.push_str(&self.authority());
+        uri.push_str(&path);
+        if let Some(query) = target.query() {
+            uri.push('?');
+            uri.push_str(query);
+        }
+        let uri = uri
+            .parse()
+            .map_err(|_| TargetError::Malformed("the target is not a valid URI"))?;
+        Ok(Target { uri })
+    }
+
+    fn authority(&self) -> String {
+        if self.port == 443 {
+            self.host.to_string()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    fn check_authority(&self, target: &Uri) -> Result<(), TargetError> {
+        if target.scheme() != Some(&Scheme::HTTPS) {
+            return Err(TargetError::Outside("the target's scheme must be https"));
+        }
+        let authority = target
+            .authority()
+            .ok_or(TargetError::Malformed("absolute-form target without a host"))?;
+        if authority.as_str().contains('@') {
+            return Err(TargetError::Outside("user names and passwords in the target are refused"));
+        }
+        let host = Host::parse(authority.host())
+            .map_err(|_| TargetError::Malformed("the target's host is not a valid host name"))?;
+        if canonical_host(host) != self.host {
+            return Err(TargetError::Outside("the target's host is not the resource domain's"));
+        }
+        if authority.port_u16().unwrap_or(443) != self.port {
+            return Err(TargetError::Outside("the target's port is not the resource domain's"));
+        }
+        Ok(())
+    }
+
+    /// Returns the path to forward: dot-segments removed, otherwise byte for byte as sent.
+    fn check_path(&self, path: &str) -> Result<String, TargetError> {
+        let literal = remove_dot_segments(path.split('/').skip(1), |s| s);
+        if !starts_with_segments(&literal.segments, &self.base) {
+            return Err(TargetError::Outside("the target's path is not under the resource domain's path"));
+        }
+        let decoded = decode_separators(path);
+        let lenient = remove_dot_segments(decoded.split('/').skip(1), |s| s.split(';').next().unwrap_or(""));
+        if !starts_with_segments(&lenient.segments, &self.base) {
+            return Err(TargetError::Outside(
+                "the target's path leaves the resource domain's path once decoded",
+            ));
+        }
+        let mut out = String::with_capacity(path.len());
+        for segment in &literal.segments {
+            out.push('/');
+            out.push_str(segment);
+        }
+        if literal.trailing_slash || out.is_empty() {
+            out.push('/');
+        }
+        Ok(out)
+    }
+}
+
+impl fmt::Debug for ResourceDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ResourceDomain(https://{}{})", self.authority(), self.base_path)
+    }
+}
+
+impl fmt::Display for ResourceDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "https://{}{}", self.authority(), self.base_path)
+    }
+}
+
+/// Lower-cased, IDNA-mapped (done by `Host::parse`) and without a trailing dot.
+fn canonical_host(host: Host<String>) -> Host<String> {
+    match host {
+        Host::Domain(d) => Host::Domain(d.strip_suffix('.').map(str::to_owned).unwrap_or(d)),
+        ip => ip,
+    }
+}
+
+struct Segments<'a> {
+    segments: Vec<&'a str>,
+    trailing_slash: bool,
+}
+
+/// RFC 3986 5.2.4 over segments, with `%2e` counted as `.`; `key` picks the part of a segment
+/// that decides whether it is a dot-segment.
+fn remove_dot_segments<'a>(
+    parts: impl Iterator<Item = &'a str>,
+    key: impl Fn(&'a str) -> &'a str,
+) -> Segments<'a> {
+    let mut segments = Vec::new();
+    let mut trailing_slash = false;
+    for part in parts {
+        trailing_slash = false;
+        match dot_kind(key(part)) {
+            1 => trailing_slash = true,
+            2 => {
+                segments.pop();
+                trailing_slash = true;
+            }
+            _ => segments.push(part),
+        }
+    }
+    if segments.last() == Some(&"") {
+        segments.pop();
+        trailing_slash = true;
+    }
+    Segments { segments, trailing_slash }
+}
+
+/// 1 for `.`, 2 for `..` (either possibly written `%2e`), 0 otherwise.
+fn dot_kind(segment: &str) -> u8 {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && rest[2].eq_ignore_ascii_case(&b'e') {
+            rest = &rest[3..];
+        } else {
+            return 0;
+        }
+        dots += 1;
+        if dots > 2 {
+            return 0;
+        }
+    }
+    dots
+}
+
+/// The path as a server that decodes `%2f`, `%5c` and treats `\` as `/` would see it.
+fn decode_separators(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(i) = rest.find(['%', '\\']) {
+        out.push_str(&rest[..i]);
+        let tail = rest[i..].as_bytes();
+        let encoded = tail.len() >= 3
+            && (tail[1..3].eq_ignore_ascii_case(b"2f") || tail[1..3].eq_ignore_ascii_case(b"5c"));
+        let skip = if tail[0] == b'\\' {
+            out.push('/');
+            1
+        } else if encoded {
+            out.push('/');
+            3
+        } else {
+            out.push('%');
+            1
+        };
+        rest = &rest[i + skip..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn starts_with_segments(path: &[&str], base: &[String]) -> bool {
+    path.len() >= base.len() && path.iter().zip(base).all(|(p, b)| *p == b.as_str())
+}
+
+#[cfg(test)]
+mod tests;
