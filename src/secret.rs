@@ -6,8 +6,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 /// A secret value, loaded once at configuration time.
 #[derive(Clone, PartialEq, Eq)]
@@ -52,7 +52,9 @@ impl fmt::Debug for SecretSource {
 /// Why a secret could not be loaded. Never carries the value.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("environment variable {0} is not set (set it, or use a literal or {{ file = \"..\" }})")]
+    #[error(
+        "environment variable {0} is not set (set it, or use a literal or {{ file = \"..\" }})"
+    )]
     EnvMissing(String),
     #[error("environment variable {0} is not valid UTF-8")]
     EnvNotUnicode(String),
@@ -173,7 +175,9 @@ mod tests {
         assert_eq!(t.a, SecretSource::Literal(Secret::new("x")));
         assert_eq!(t.b, SecretSource::Env("E".into()));
         assert_eq!(t.c, SecretSource::File("f".into()));
-        let err = toml::from_str::<T>("a = { vault = \"x\" }\nb = \"\"\nc = \"\"").err().unwrap();
+        let err = toml::from_str::<T>("a = { vault = \"x\" }\nb = \"\"\nc = \"\"")
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("vault"), "{err}");
     }
 }

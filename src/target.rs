@@ -90,7 +90,12 @@ impl ResourceDomain {
         if base.iter().any(ambiguous) {
             return Err(DomainError::AmbiguousPath);
         }
-        Ok(Self { host, port, base_path: path.to_owned(), base })
+        Ok(Self {
+            host,
+            port,
+            base_path: path.to_owned(),
+            base,
+        })
     }
 
     /// The canonical host, as sent in `Host` and used for pins and logs.
@@ -152,19 +157,25 @@ impl ResourceDomain {
         if target.scheme() != Some(&Scheme::HTTPS) {
             return Err(TargetError::Outside("the target's scheme must be https"));
         }
-        let authority = target
-            .authority()
-            .ok_or(TargetError::Malformed("absolute-form target without a host"))?;
+        let authority = target.authority().ok_or(TargetError::Malformed(
+            "absolute-form target without a host",
+        ))?;
         if authority.as_str().contains('@') {
-            return Err(TargetError::Outside("user names and passwords in the target are refused"));
+            return Err(TargetError::Outside(
+                "user names and passwords in the target are refused",
+            ));
         }
         let host = Host::parse(authority.host())
             .map_err(|_| TargetError::Malformed("the target's host is not a valid host name"))?;
         if canonical_host(host) != self.host {
-            return Err(TargetError::Outside("the target's host is not the resource domain's"));
+            return Err(TargetError::Outside(
+                "the target's host is not the resource domain's",
+            ));
         }
         if authority.port_u16().unwrap_or(443) != self.port {
-            return Err(TargetError::Outside("the target's port is not the resource domain's"));
+            return Err(TargetError::Outside(
+                "the target's port is not the resource domain's",
+            ));
         }
         Ok(())
     }
@@ -173,10 +184,14 @@ impl ResourceDomain {
     fn check_path(&self, path: &str) -> Result<String, TargetError> {
         let literal = remove_dot_segments(path.split('/').skip(1), |s| s);
         if !starts_with_segments(&literal.segments, &self.base) {
-            return Err(TargetError::Outside("the target's path is not under the resource domain's path"));
+            return Err(TargetError::Outside(
+                "the target's path is not under the resource domain's path",
+            ));
         }
         let decoded = decode_separators(path);
-        let lenient = remove_dot_segments(decoded.split('/').skip(1), |s| s.split(';').next().unwrap_or(""));
+        let lenient = remove_dot_segments(decoded.split('/').skip(1), |s| {
+            s.split(';').next().unwrap_or("")
+        });
         if !starts_with_segments(&lenient.segments, &self.base) {
             return Err(TargetError::Outside(
                 "the target's path leaves the resource domain's path once decoded",
@@ -196,7 +211,12 @@ impl ResourceDomain {
 
 impl fmt::Debug for ResourceDomain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ResourceDomain(https://{}{})", self.authority(), self.base_path)
+        write!(
+            f,
+            "ResourceDomain(https://{}{})",
+            self.authority(),
+            self.base_path
+        )
     }
 }
 
@@ -242,7 +262,10 @@ fn remove_dot_segments<'a>(
         segments.pop();
         trailing_slash = true;
     }
-    Segments { segments, trailing_slash }
+    Segments {
+        segments,
+        trailing_slash,
+    }
 }
 
 /// 1 for `.`, 2 for `..` (either possibly written `%2e`), 0 otherwise.
@@ -252,7 +275,11 @@ fn dot_kind(segment: &str) -> u8 {
     while !rest.is_empty() {
         if rest[0] == b'.' {
             rest = &rest[1..];
-        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && rest[2].eq_ignore_ascii_case(&b'e') {
+        } else if rest.len() >= 3
+            && rest[0] == b'%'
+            && rest[1] == b'2'
+            && rest[2].eq_ignore_ascii_case(&b'e')
+        {
             rest = &rest[3..];
         } else {
             return 0;

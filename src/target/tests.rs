@@ -23,13 +23,20 @@ fn origin_form_joins_resource_domain_path() {
         resolve("https://api.example.com/v2/", "/contacts").unwrap(),
         "https://api.example.com/v2/contacts"
     );
-    assert_eq!(resolve("https://api.example.com", "/").unwrap(), "https://api.example.com/");
+    assert_eq!(
+        resolve("https://api.example.com", "/").unwrap(),
+        "https://api.example.com/"
+    );
 }
 
 #[test]
 fn absolute_form_inside_is_forwarded_canonically() {
     assert_eq!(
-        resolve("https://crm.example.com", "https://CRM.Example.COM./v1/contacts?x=1").unwrap(),
+        resolve(
+            "https://crm.example.com",
+            "https://CRM.Example.COM./v1/contacts?x=1"
+        )
+        .unwrap(),
         "https://crm.example.com/v1/contacts?x=1"
     );
     assert_eq!(
@@ -37,7 +44,11 @@ fn absolute_form_inside_is_forwarded_canonically() {
         "https://crm.example.com/a"
     );
     assert_eq!(
-        resolve("https://crm.example.com:8443/api", "https://crm.example.com:8443/api/x").unwrap(),
+        resolve(
+            "https://crm.example.com:8443/api",
+            "https://crm.example.com:8443/api/x"
+        )
+        .unwrap(),
         "https://crm.example.com:8443/api/x"
     );
 }
@@ -54,8 +65,14 @@ fn other_scheme_host_or_port_is_outside() {
 
 #[test]
 fn userinfo_is_refused_even_when_the_host_matches() {
-    assert!(outside("https://crm.example.com", "https://user@crm.example.com/a"));
-    assert!(outside("https://crm.example.com", "https://crm.example.com@evil.net/a"));
+    assert!(outside(
+        "https://crm.example.com",
+        "https://user@crm.example.com/a"
+    ));
+    assert!(outside(
+        "https://crm.example.com",
+        "https://crm.example.com@evil.net/a"
+    ));
 }
 
 #[test]
@@ -81,8 +98,14 @@ fn dot_segments_cannot_climb_out_of_the_base() {
 #[test]
 fn dot_segments_inside_the_base_are_removed_before_forwarding() {
     let d = "https://api.example.com/v2";
-    assert_eq!(resolve(d, "/a/./b/../c").unwrap(), "https://api.example.com/v2/a/c");
-    assert_eq!(resolve(d, "/a/%2e%2e/b").unwrap(), "https://api.example.com/v2/b");
+    assert_eq!(
+        resolve(d, "/a/./b/../c").unwrap(),
+        "https://api.example.com/v2/a/c"
+    );
+    assert_eq!(
+        resolve(d, "/a/%2e%2e/b").unwrap(),
+        "https://api.example.com/v2/b"
+    );
     assert_eq!(resolve(d, "/a/..").unwrap(), "https://api.example.com/v2/");
 }
 
@@ -97,7 +120,10 @@ fn encoded_slashes_and_backslashes_count_as_separators() {
     // is two. Refused because a decoding server would land outside.
     assert!(outside(d, "/a%2fb/../../../x"));
     // Harmless encoded slashes are forwarded as sent, for APIs that use them in ids.
-    assert_eq!(resolve(d, "/projects/group%2Fname").unwrap(), "https://api.example.com/v2/projects/group%2Fname");
+    assert_eq!(
+        resolve(d, "/projects/group%2Fname").unwrap(),
+        "https://api.example.com/v2/projects/group%2Fname"
+    );
 }
 
 #[test]
@@ -111,7 +137,13 @@ fn idna_and_ip_spellings_are_normalised_before_comparing() {
     assert!(resolve("https://bücher.example", "https://xn--bcher-kva.example/").is_ok());
     // Raw non-ASCII never reaches the rule: http::Uri (and so hyper) refuses it.
     assert!("https://BÜCHER.example/".parse::<Uri>().is_err());
-    assert!(resolve("https://xn--bcher-kva.example", "https://XN--BCHER-KVA.example./").is_ok());
+    assert!(
+        resolve(
+            "https://xn--bcher-kva.example",
+            "https://XN--BCHER-KVA.example./"
+        )
+        .is_ok()
+    );
     assert!(resolve("https://10.20.0.7", "https://0x0a.20.0.7/").is_ok());
     assert!(resolve("https://10.20.0.7", "https://169082887/").is_ok());
     assert!(outside("https://10.20.0.7", "https://169090567/"));
@@ -125,15 +157,36 @@ fn non_targets_are_malformed() {
     let star: Uri = "*".parse().unwrap();
     assert!(matches!(d.resolve(&star), Err(TargetError::Malformed(_))));
     let authority: Uri = "api.example.com:443".parse().unwrap();
-    assert!(matches!(d.resolve(&authority), Err(TargetError::Malformed(_))));
+    assert!(matches!(
+        d.resolve(&authority),
+        Err(TargetError::Malformed(_))
+    ));
 }
 
 #[test]
 fn resource_domain_must_be_plain_https() {
-    assert_eq!(ResourceDomain::parse("http://a.example"), Err(DomainError::NotHttps("http".into())));
-    assert_eq!(ResourceDomain::parse("https://u:p@a.example"), Err(DomainError::Userinfo));
-    assert_eq!(ResourceDomain::parse("https://a.example/?q"), Err(DomainError::QueryOrFragment));
-    assert_eq!(ResourceDomain::parse("https://a.example/a%2fb"), Err(DomainError::AmbiguousPath));
-    assert!(matches!(ResourceDomain::parse("crm.example.com"), Err(DomainError::NotUrl(_))));
-    assert_eq!(domain("https://A.example.:443/x/./y/").to_string(), "https://a.example/x/y");
+    assert_eq!(
+        ResourceDomain::parse("http://a.example"),
+        Err(DomainError::NotHttps("http".into()))
+    );
+    assert_eq!(
+        ResourceDomain::parse("https://u:p@a.example"),
+        Err(DomainError::Userinfo)
+    );
+    assert_eq!(
+        ResourceDomain::parse("https://a.example/?q"),
+        Err(DomainError::QueryOrFragment)
+    );
+    assert_eq!(
+        ResourceDomain::parse("https://a.example/a%2fb"),
+        Err(DomainError::AmbiguousPath)
+    );
+    assert!(matches!(
+        ResourceDomain::parse("crm.example.com"),
+        Err(DomainError::NotUrl(_))
+    ));
+    assert_eq!(
+        domain("https://A.example.:443/x/./y/").to_string(),
+        "https://a.example/x/y"
+    );
 }

@@ -1,0 +1,240 @@
+//! Configuration: read the TOML file, validate it whole, and build plain domain types in which
+//! nothing "must be Some at run time". Every problem is reported at once, each naming the file,
+//! the line and column where known, the org and connector, and what to write instead.
+
+pub mod raw;
+mod validate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Uri};
+use ipnet::IpNet;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+pub use raw::{AssertionAlg, ClientAuthKind, GrantKind};
+
+use crate::secret::Secret;
+use crate::target::ResourceDomain;
+
+/// A loaded, validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub oauth: OAuthSettings,
+    pub orgs: BTreeMap<String, OrgConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub connector_header: HeaderName,
+    pub org_header: HeaderName,
+    pub max_connectors_per_org: usize,
+    pub max_concurrent_requests: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_replay_body: usize,
+    /// Certificates trusted besides the web roots (from `extra_ca_file`).
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    pub allow_networks: Vec<IpNet>,
+    /// `upstream.resolve`: (canonical host, port) -> address to connect to instead of DNS.
+    pub resolve: HashMap<(String, u16), SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OAuthSettings {
+    pub refresh_before_expiry: Duration,
+    pub default_expires_in: Duration,
+    pub token_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrgConfig {
+    pub name: String,
+    pub inbound_token: Option<Secret>,
+    pub connectors: BTreeMap<String, ConnectorConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectorConfig {
+    pub org: String,
+    pub name: String,
+    pub resource_domain: ResourceDomain,
+    /// Basic connectors only; always inside the resource domain, so that validation never sends
+    /// the credentials anywhere a request could not.
+    pub validation_url: Option<Uri>,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthConfig {
+    Basic { username: String, password: Secret },
+    OAuth2(OAuthClient),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OAuthClient {
+    pub token_url: Uri,
+    pub client_id: String,
+    pub grant: Grant,
+    pub client_auth: ClientAuth,
+    pub scope: Option<String>,
+    pub extra_params: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grant {
+    ClientCredentials,
+    Password { username: String, password: Secret },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientAuth {
+    SecretBasic(Secret),
+    SecretPost(Secret),
+    PrivateKeyJwt {
+        identity: ClientIdentity,
+        alg: Option<AssertionAlg>,
+    },
+    TlsClientAuth(ClientIdentity),
+}
+
+impl ClientAuth {
+    pub fn kind(&self) -> ClientAuthKind {
+        match self {
+            Self::SecretBasic(_) => ClientAuthKind::ClientSecretBasic,
+            Self::SecretPost(_) => ClientAuthKind::ClientSecretPost,
+            Self::PrivateKeyJwt { .. } => ClientAuthKind::PrivateKeyJwt,
+            Self::TlsClientAuth(_) => ClientAuthKind::TlsClientAuth,
+        }
+    }
+}
+
+/// A client certificate chain and its private key, parsed from PEM.
+#[derive(PartialEq)]
+pub struct ClientIdentity {
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("certificates", &self.cert_chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Basic { .. } => "basic",
+            Self::OAuth2(_) => "oauth2",
+        }
+    }
+}
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line and column, where the TOML parser knows them.
+    pub position: Option<(usize, usize)>,
+    /// The dotted key the problem belongs to, e.g. `orgs.acme.connectors.billing`.
+    pub place: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render(path, problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render(path: &Path, problems: &[Problem]) -> String {
+    let mut out = format!(
+        "{} has {} problem{}:",
+        path.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        out.push_str("\n  ");
+        out.push_str(&p.display_in(path));
+    }
+    out
+}
+
+impl Problem {
+    pub fn display_in(&self, path: &Path) -> String {
+        let mut out = path.display().to_string();
+        if let Some((line, column)) = self.position {
+            out.push_str(&format!(":{line}:{column}"));
+        }
+        if !self.place.is_empty() {
+            out.push_str(": ");
+            out.push_str(&self.place);
+        }
+        out.push_str(": ");
+        out.push_str(&self.message);
+        out
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`. Relative `file` secrets and `extra_ca_file` are resolved
+    /// against the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates `text` as if it had been read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        validate::validate(text, path).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+
+    pub fn connector_count(&self) -> usize {
+        self.orgs.values().map(|o| o.connectors.len()).sum()
+    }
+}
+
+/// The path where the default configuration lives, relative to the working directory.
+pub const DEFAULT_PATH: &str = "config/proxy.toml";

@@ -1,0 +1,611 @@
+//! From raw serde structs to validated [`Config`], collecting every problem.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use http::{HeaderName, Uri};
+use ipnet::IpNet;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use toml::Spanned;
+
+use super::raw::{
+    AuthKind, ClientAuthKind, GrantKind, RawConfig, RawConnector, RawOrg, RawServer, RawUpstream,
+};
+use super::*;
+use crate::secret::SecretSource;
+
+struct Validator<'a> {
+    text: &'a str,
+    dir: &'a Path,
+    problems: Vec<Problem>,
+}
+
+pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut v = Validator {
+        text,
+        dir,
+        problems: Vec::new(),
+    };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            v.problem(e.span(), "", e.message().trim_end());
+            return Err(v.problems);
+        }
+    };
+    let server = v.server(&raw.server);
+    let upstream = v.upstream(&raw.upstream);
+    let oauth = OAuthSettings {
+        refresh_before_expiry: raw.oauth.refresh_before_expiry.0,
+        default_expires_in: raw.oauth.default_expires_in.0,
+        token_timeout: raw.oauth.token_timeout.0,
+    };
+    let mut orgs = BTreeMap::new();
+    for (name, org) in &raw.orgs {
+        if let Some(org) = v.org(name, org, &raw.server) {
+            orgs.insert(name.clone(), org);
+        }
+    }
+    match (server, v.problems.is_empty()) {
+        (Some(server), true) => Ok(Config {
+            path: path.to_owned(),
+            server,
+            upstream,
+            oauth,
+            orgs,
+        }),
+        _ => Err(v.problems),
+    }
+}
+
+/// A TOML key, quoted when it is not a bare key (connector names may hold spaces).
+fn key(name: &str) -> String {
+    if !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
+    }
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, span: Option<Range<usize>>, place: &str, message: impl Into<String>) {
+        let position = span
+            .filter(|s| s.end > 0)
+            .map(|s| self.line_column(s.start));
+        self.problems.push(Problem {
+            position,
+            place: place.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn line_column(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        (line, column)
+    }
+
+    fn header_name(&mut self, value: &Spanned<String>, place: &str) -> Option<HeaderName> {
+        match HeaderName::from_bytes(value.get_ref().to_ascii_lowercase().as_bytes()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                self.problem(Some(value.span()), place, format!(
+                    "{:?} is not a valid header name; write a token such as \"x-connector-name\"",
+                    value.get_ref()
+                ));
+                None
+            }
+        }
+    }
+
+    fn server(&mut self, raw: &RawServer) -> Option<ServerSettings> {
+        let connector_header = self.header_name(&raw.connector_header, "server.connector_header");
+        let org_header = self.header_name(&raw.org_header, "server.org_header");
+        if raw.max_concurrent_requests == 0 {
+            self.problem(None, "server.max_concurrent_requests", "must be at least 1");
+        }
+        if raw.max_connectors_per_org == 0 {
+            self.problem(None, "server.max_connectors_per_org", "must be at least 1");
+        }
+        let max_header_bytes = usize::try_from(raw.max_header_bytes.0).unwrap_or(usize::MAX);
+        if max_header_bytes < 8192 {
+            self.problem(
+                None,
+                "server.max_header_bytes",
+                "must be at least \"8KiB\" (8192 bytes)",
+            );
+        }
+        if raw.header_read_timeout.0.is_zero() {
+            self.problem(
+                None,
+                "server.header_read_timeout",
+                "must be longer than zero, e.g. \"10s\"",
+            );
+        }
+        Some(ServerSettings {
+            listen: raw.listen,
+            admin_listen: raw.admin_listen,
+            connector_header: connector_header?,
+            org_header: org_header?,
+            max_connectors_per_org: raw.max_connectors_per_org,
+            max_concurrent_requests: raw.max_concurrent_requests,
+            header_read_timeout: raw.header_read_timeout.0,
+            max_header_bytes,
+            shutdown_grace: raw.shutdown_grace.0,
+        })
+    }
+
+    fn upstream(&mut self, raw: &RawUpstream) -> UpstreamSettings {
+        let mut extra_roots = Vec::new();
+        if let Some(file) = &raw.extra_ca_file {
+            let path = self.dir.join(file.get_ref());
+            match std::fs::read(&path) {
+                Ok(pem) => {
+                    extra_roots = CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
+                    if extra_roots.is_empty() {
+                        self.problem(Some(file.span()), "upstream.extra_ca_file", format!(
+                            "{} holds no PEM certificate; point it at a file of \"-----BEGIN CERTIFICATE-----\" blocks",
+                            path.display()
+                        ));
+                    }
+                }
+                Err(e) => self.problem(Some(file.span()), "upstream.extra_ca_file", format!(
+                    "cannot read {}: {e}; fix the path (relative to the configuration file) or remove the key",
+                    path.display()
+                )),
+            }
+        }
+        let mut allow_networks = Vec::new();
+        for net in &raw.allow_networks {
+            let text = net.get_ref().trim();
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(n) => allow_networks.push(n.trunc()),
+                Err(_) => self.problem(Some(net.span()), "upstream.allow_networks", format!(
+                    "{text:?} is not a network; write CIDR such as \"10.20.0.0/16\" or \"127.0.0.0/8\""
+                )),
+            }
+        }
+        let mut resolve = HashMap::new();
+        for (pin, addr) in &raw.resolve {
+            let host_port = pin.rsplit_once(':').and_then(|(h, p)| {
+                let host = url::Host::parse(h).ok()?.to_string();
+                Some((
+                    host.trim_end_matches('.').to_owned(),
+                    p.parse::<u16>().ok()?,
+                ))
+            });
+            let Some(host_port) = host_port else {
+                self.problem(Some(addr.span()), &format!("upstream.resolve.{}", key(pin)), format!(
+                    "{pin:?} is not host:port; write \"crm.example.com:443\" = \"10.20.0.7:443\""
+                ));
+                continue;
+            };
+            match addr.get_ref().parse::<SocketAddr>() {
+                Ok(a) => {
+                    resolve.insert(host_port, a);
+                }
+                Err(_) => self.problem(Some(addr.span()), &format!("upstream.resolve.{}", key(pin)), format!(
+                    "{:?} is not an IP address and port; write \"10.20.0.7:443\" or \"[::1]:8443\"",
+                    addr.get_ref()
+                )),
+            }
+        }
+        UpstreamSettings {
+            connect_timeout: raw.connect_timeout.0,
+            request_timeout: raw.request_timeout.0,
+            max_replay_body: usize::try_from(raw.max_replay_body.0).unwrap_or(usize::MAX),
+            extra_roots,
+            allow_networks,
+            resolve,
+        }
+    }
+
+    fn secret(
+        &mut self,
+        source: &Spanned<SecretSource>,
+        place: &str,
+        field: &str,
+    ) -> Option<Secret> {
+        match source.get_ref().load(self.dir) {
+            Ok(secret) => Some(secret),
+            Err(e) => {
+                self.problem(Some(source.span()), place, format!("{field}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn org(&mut self, name: &str, raw: &Spanned<RawOrg>, server: &RawServer) -> Option<OrgConfig> {
+        let place = format!("orgs.{}", key(name));
+        let span = Some(raw.span());
+        let raw = raw.get_ref();
+        let inbound_token = raw
+            .inbound_token
+            .as_ref()
+            .and_then(|t| self.secret(t, &place, "inbound_token"));
+        if raw.inbound_token.is_none() && !server.listen.ip().is_loopback() {
+            self.problem(
+                span.clone(),
+                &place,
+                format!(
+                    "server.listen {} is not a loopback address, so every org needs inbound_token; \
+                 add inbound_token = {{ env = \"{}_INBOUND_TOKEN\" }} or listen on 127.0.0.1",
+                    server.listen,
+                    name.to_ascii_uppercase()
+                        .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+                ),
+            );
+        }
+        if raw.connectors.len() > server.max_connectors_per_org {
+            self.problem(span, &place, format!(
+                "has {} connectors; an org may have at most {} (server.max_connectors_per_org): remove {}",
+                raw.connectors.len(),
+                server.max_connectors_per_org,
+                raw.connectors.len() - server.max_connectors_per_org
+            ));
+        }
+        let mut connectors = BTreeMap::new();
+        for (connector_name, connector) in &raw.connectors {
+            if let Some(c) = self.connector(name, connector_name, connector) {
+                connectors.insert(connector_name.clone(), c);
+            }
+        }
+        Some(OrgConfig {
+            name: name.to_owned(),
+            inbound_token,
+            connectors,
+        })
+    }
+
+    fn https_url(&mut self, value: &Spanned<String>, place: &str, field: &str) -> Option<Uri> {
+        let parsed = url::Url::parse(value.get_ref()).ok().filter(|u| {
+            u.scheme() == "https"
+                && u.host().is_some()
+                && u.username().is_empty()
+                && u.password().is_none()
+        });
+        match parsed.and_then(|u| u.as_str().parse::<Uri>().ok()) {
+            Some(uri) => Some(uri),
+            None => {
+                self.problem(Some(value.span()), place, format!(
+                    "{field} {:?} is not an https URL; write one such as \"https://login.example.com/oauth2/token\"",
+                    value.get_ref()
+                ));
+                None
+            }
+        }
+    }
+
+    fn identity(&mut self, c: &RawConnector, place: &str, method: &str) -> Option<ClientIdentity> {
+        let mut missing = false;
+        for (field, value) in [
+            ("certificate", &c.certificate),
+            ("private_key", &c.private_key),
+        ] {
+            if value.is_none() {
+                missing = true;
+                self.problem(None, place, format!(
+                    "{field} is required for client_auth = \"{method}\"; add {field} = {{ file = \"certs/{}.pem\" }}",
+                    if field == "certificate" { "client-certificate" } else { "client-key" }
+                ));
+            }
+        }
+        if missing {
+            return None;
+        }
+        let (cert, key) = (c.certificate.as_ref()?, c.private_key.as_ref()?);
+        let cert_pem = self.secret(cert, place, "certificate");
+        let key_pem = self.secret(key, place, "private_key");
+        let (cert_pem, key_pem) = (cert_pem?, key_pem?);
+        let cert_chain: Vec<_> = CertificateDer::pem_slice_iter(cert_pem.expose().as_bytes())
+            .filter_map(Result::ok)
+            .collect();
+        if cert_chain.is_empty() {
+            self.problem(
+                Some(cert.span()),
+                place,
+                "certificate holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")",
+            );
+        }
+        let key_der = PrivateKeyDer::from_pem_slice(key_pem.expose().as_bytes()).ok();
+        if key_der.is_none() {
+            self.problem(
+                Some(key.span()),
+                place,
+                "private_key holds no PEM private key (\"-----BEGIN PRIVATE KEY-----\", RSA or EC)",
+            );
+        }
+        Some(ClientIdentity {
+            cert_chain,
+            key: key_der?,
+        })
+        .filter(|i| !i.cert_chain.is_empty())
+    }
+
+    /// Reports each key that the chosen kind does not use.
+    fn unused(&mut self, place: &str, context: &str, fields: &[(&str, bool)]) {
+        for (field, present) in fields {
+            if *present {
+                self.problem(
+                    None,
+                    place,
+                    format!("{field} does not apply to {context}; remove it"),
+                );
+            }
+        }
+    }
+
+    fn required<'r, T>(
+        &mut self,
+        value: &'r Option<Spanned<T>>,
+        place: &str,
+        field: &str,
+        context: &str,
+        example: &str,
+    ) -> Option<&'r Spanned<T>> {
+        if value.is_none() {
+            self.problem(
+                None,
+                place,
+                format!("{field} is required for {context}; add {field} = {example}"),
+            );
+        }
+        value.as_ref()
+    }
+
+    fn connector(
+        &mut self,
+        org: &str,
+        name: &str,
+        raw: &Spanned<RawConnector>,
+    ) -> Option<ConnectorConfig> {
+        let place = format!("orgs.{}.connectors.{}", key(org), key(name));
+        let span = raw.span();
+        let c = raw.get_ref();
+        let before = self.problems.len();
+        let Some(auth) = &c.auth else {
+            self.problem(
+                Some(span),
+                &place,
+                "auth is required; add auth = \"basic\" or auth = \"oauth2\"",
+            );
+            return None;
+        };
+        let resource_domain = match &c.resource_domain {
+            None => {
+                self.problem(Some(span.clone()), &place,
+                    "resource_domain is required; add resource_domain = \"https://api.example.com\"");
+                None
+            }
+            Some(rd) => match ResourceDomain::parse(rd.get_ref()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.problem(
+                        Some(rd.span()),
+                        &place,
+                        format!("resource_domain {:?} {e}", rd.get_ref()),
+                    );
+                    None
+                }
+            },
+        };
+        let auth = match auth.get_ref() {
+            AuthKind::Basic => self.basic(c, &place),
+            AuthKind::Oauth2 => self.oauth2(c, &place).map(AuthConfig::OAuth2),
+        };
+        let validation_url = match (&c.validation_url, &resource_domain) {
+            (Some(v), Some(domain)) => {
+                self.https_url(v, &place, "validation_url").and_then(|uri| {
+                    match domain.resolve(&uri) {
+                        Ok(target) => Some(target.uri),
+                        Err(e) => {
+                            self.problem(Some(v.span()), &place, format!(
+                            "validation_url {:?} is outside resource_domain {domain} ({e}); \
+                             the proxy sends credentials only inside the resource domain",
+                            v.get_ref()
+                        ));
+                            None
+                        }
+                    }
+                })
+            }
+            _ => None,
+        };
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(ConnectorConfig {
+            org: org.to_owned(),
+            name: name.to_owned(),
+            resource_domain: resource_domain?,
+            validation_url,
+            auth: auth?,
+        })
+    }
+
+    fn basic(&mut self, c: &RawConnector, place: &str) -> Option<AuthConfig> {
+        const CONTEXT: &str = "auth = \"basic\"";
+        self.unused(
+            place,
+            CONTEXT,
+            &[
+                ("grant", c.grant.is_some()),
+                ("client_auth", c.client_auth.is_some()),
+                ("token_url", c.token_url.is_some()),
+                ("client_id", c.client_id.is_some()),
+                ("client_secret", c.client_secret.is_some()),
+                ("certificate", c.certificate.is_some()),
+                ("private_key", c.private_key.is_some()),
+                ("client_assertion_alg", c.client_assertion_alg.is_some()),
+                ("scope", c.scope.is_some()),
+                ("extra_params", c.extra_params.is_some()),
+            ],
+        );
+        let username = self.required(&c.username, place, "username", CONTEXT, "\"svc-account\"");
+        let password = self.required(
+            &c.password,
+            place,
+            "password",
+            CONTEXT,
+            "{ env = \"CONNECTOR_PASSWORD\" }",
+        );
+        let username = username.map(|u| u.get_ref().clone());
+        if username.as_deref().is_some_and(|u| u.contains(':')) {
+            self.problem(
+                None,
+                place,
+                "username must not contain ':' (HTTP Basic cannot carry it)",
+            );
+        }
+        let password = password.and_then(|p| self.secret(p, place, "password"));
+        Some(AuthConfig::Basic {
+            username: username?,
+            password: password?,
+        })
+    }
+
+    fn oauth2(&mut self, c: &RawConnector, place: &str) -> Option<OAuthClient> {
+        const CONTEXT: &str = "auth = \"oauth2\"";
+        if c.validation_url.is_some() {
+            self.problem(
+                None,
+                place,
+                "validation_url applies to auth = \"basic\"; OAuth connectors are \
+                checked by fetching a token (connector-proxy check --online): remove it",
+            );
+        }
+        let grant = self.required(
+            &c.grant,
+            place,
+            "grant",
+            CONTEXT,
+            "\"client_credentials\" (or \"password\")",
+        );
+        let token_url = self.required(
+            &c.token_url,
+            place,
+            "token_url",
+            CONTEXT,
+            "\"https://login.example.com/oauth2/token\"",
+        );
+        let client_id = self.required(&c.client_id, place, "client_id", CONTEXT, "\"flow-engine\"");
+        let token_url = token_url.and_then(|t| self.https_url(t, place, "token_url"));
+        let grant = match grant.map(|g| *g.get_ref()) {
+            Some(GrantKind::ClientCredentials) => {
+                self.unused(
+                    place,
+                    "grant = \"client_credentials\"",
+                    &[
+                        ("username", c.username.is_some()),
+                        ("password", c.password.is_some()),
+                    ],
+                );
+                Some(Grant::ClientCredentials)
+            }
+            Some(GrantKind::Password) => {
+                const G: &str = "grant = \"password\"";
+                let username = self.required(&c.username, place, "username", G, "\"svc-account\"");
+                let password = self.required(
+                    &c.password,
+                    place,
+                    "password",
+                    G,
+                    "{ env = \"ACCOUNT_PASSWORD\" }",
+                );
+                let username = username.map(|u| u.get_ref().clone());
+                let password = password.and_then(|p| self.secret(p, place, "password"));
+                username
+                    .zip(password)
+                    .map(|(username, password)| Grant::Password { username, password })
+            }
+            None => None,
+        };
+        let method = c
+            .client_auth
+            .as_ref()
+            .map_or(ClientAuthKind::ClientSecretBasic, |m| *m.get_ref());
+        let client_auth = match method {
+            ClientAuthKind::ClientSecretBasic | ClientAuthKind::ClientSecretPost => {
+                let ctx = if method == ClientAuthKind::ClientSecretPost {
+                    "client_auth = \"client_secret_post\""
+                } else {
+                    "client_auth = \"client_secret_basic\""
+                };
+                self.unused(
+                    place,
+                    ctx,
+                    &[
+                        ("certificate", c.certificate.is_some()),
+                        ("private_key", c.private_key.is_some()),
+                        ("client_assertion_alg", c.client_assertion_alg.is_some()),
+                    ],
+                );
+                let secret = self.required(
+                    &c.client_secret,
+                    place,
+                    "client_secret",
+                    ctx,
+                    "{ env = \"CLIENT_SECRET\" }",
+                );
+                secret
+                    .and_then(|s| self.secret(s, place, "client_secret"))
+                    .map(|s| {
+                        if method == ClientAuthKind::ClientSecretPost {
+                            ClientAuth::SecretPost(s)
+                        } else {
+                            ClientAuth::SecretBasic(s)
+                        }
+                    })
+            }
+            ClientAuthKind::PrivateKeyJwt => {
+                self.unused(
+                    place,
+                    "client_auth = \"private_key_jwt\"",
+                    &[("client_secret", c.client_secret.is_some())],
+                );
+                let alg = c.client_assertion_alg.as_ref().map(|a| *a.get_ref());
+                self.identity(c, place, "private_key_jwt")
+                    .map(|identity| ClientAuth::PrivateKeyJwt { identity, alg })
+            }
+            ClientAuthKind::TlsClientAuth => {
+                self.unused(
+                    place,
+                    "client_auth = \"tls_client_auth\"",
+                    &[
+                        ("client_secret", c.client_secret.is_some()),
+                        ("client_assertion_alg", c.client_assertion_alg.is_some()),
+                    ],
+                );
+                self.identity(c, place, "tls_client_auth")
+                    .map(ClientAuth::TlsClientAuth)
+            }
+        };
+        Some(OAuthClient {
+            token_url: token_url?,
+            client_id: client_id?.get_ref().clone(),
+            grant: grant?,
+            client_auth: client_auth?,
+            scope: c.scope.as_ref().map(|s| s.get_ref().clone()),
+            extra_params: c
+                .extra_params
+                .as_ref()
+                .map(|p| p.get_ref().clone().into_iter().collect())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
