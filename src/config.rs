@@ -96,6 +96,15 @@ pub struct OAuthClient {
     pub extra_params: Vec<(String, String)>,
 }
 
+impl OAuthClient {
+    pub fn grant_kind(&self) -> GrantKind {
+        match self.grant {
+            Grant::ClientCredentials => GrantKind::ClientCredentials,
+            Grant::Password { .. } => GrantKind::Password,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Grant {
     ClientCredentials,

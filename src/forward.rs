@@ -1,0 +1,121 @@
+//! The upstream client: rustls (web roots plus `upstream.extra_ca_file`, verification always on),
+//! the address policy, pooling (one connection set per target authority, HTTP/2 where ALPN
+//! offers it) and timeouts. Token requests use the same client.
+
+pub mod connect;
+pub mod policy;
+
+use std::error::Error as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{ClientIdentity, UpstreamSettings};
+use connect::{ConnectError, UpstreamConnector};
+use policy::AddressPolicy;
+
+/// A body sent upstream: the caller's, streamed, or one the proxy holds whole (a token request,
+/// a replayed request).
+pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+
+/// What went wrong upstream, already sorted into the error contract's kinds. Messages name the
+/// host and cause, never a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("{0}")]
+    AddressDenied(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Tls(String),
+    #[error("no response headers within {0:?} (upstream.request_timeout)")]
+    Timeout(Duration),
+}
+
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<UpstreamConnector, UpstreamBody>,
+    request_timeout: Duration,
+}
+
+/// Builds the rustls client configuration. There is deliberately no way to turn verification off.
+pub fn tls_config(
+    settings: &UpstreamSettings,
+    identity: Option<&ClientIdentity>,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    roots.add_parsable_certificates(settings.extra_roots.iter().cloned());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(id.cert_chain.clone(), id.key.clone_key())?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+impl Upstream {
+    pub fn new(settings: &UpstreamSettings, tls: Arc<rustls::ClientConfig>) -> Self {
+        let connector = UpstreamConnector::new(
+            tls,
+            AddressPolicy::new(settings.allow_networks.clone()),
+            settings.resolve.clone(),
+            settings.connect_timeout,
+        );
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Self {
+            client,
+            request_timeout: settings.request_timeout,
+        }
+    }
+
+    /// Sends `request` and waits for the response headers, at most `upstream.request_timeout`.
+    pub async fn send(
+        &self,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        // The pool picks HTTP/2 or HTTP/1.1 per connection; an HTTP/2-versioned request would
+        // fail on a pooled HTTP/1 connection.
+        *request.version_mut() = Version::HTTP_11;
+        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+            Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(classify(e)),
+        }
+    }
+}
+
+/// Finds our own connect error in hyper's chain; anything else (a reset, a protocol error) is
+/// an unreachable upstream, described by the innermost cause.
+fn classify(error: hyper_util::client::legacy::Error) -> ForwardError {
+    let mut innermost = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        if let Some(connect) = e.downcast_ref::<ConnectError>() {
+            let message = connect.to_string();
+            return match connect {
+                ConnectError::AddressDenied { .. } => ForwardError::AddressDenied(message),
+                ConnectError::Tls { .. } => ForwardError::Tls(message),
+                _ => ForwardError::Unreachable(message),
+            };
+        }
+        innermost = e.to_string();
+        source = e.source();
+    }
+    ForwardError::Unreachable(format!("the upstream connection failed: {innermost}"))
+}

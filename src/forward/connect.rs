@@ -1,0 +1,225 @@
+//! The connector behind the pooled client: pin or DNS, the address policy on each address
+//! actually dialled, TCP, then TLS with ALPN. Written by hand rather than wrapping
+//! hyper-util's `HttpConnector`, which dials IP-literal hosts without asking a resolver and so
+//! would bypass the policy.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::policy::AddressPolicy;
+
+/// Why no connection could be made. Found again by the caller in hyper's error chain.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(
+        "{host} resolves only to {addr}, which is not an allowed network (upstream.allow_networks)"
+    )]
+    AddressDenied { host: String, addr: IpAddr },
+    #[error("cannot resolve {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("cannot connect to {host}: {source}")]
+    Connect { host: String, source: io::Error },
+    #[error("no connection to {host} within {timeout:?} (upstream.connect_timeout)")]
+    Timeout { host: String, timeout: Duration },
+    #[error("TLS handshake with {host} failed: {source}")]
+    Tls { host: String, source: io::Error },
+    #[error("only https targets are forwarded")]
+    NotHttps,
+}
+
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tls: TlsConnector,
+    policy: AddressPolicy,
+    pins: HashMap<(String, u16), SocketAddr>,
+    timeout: Duration,
+}
+
+impl UpstreamConnector {
+    pub fn new(
+        tls: Arc<rustls::ClientConfig>,
+        policy: AddressPolicy,
+        pins: HashMap<(String, u16), SocketAddr>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                tls: TlsConnector::from(tls),
+                policy,
+                pins,
+                timeout,
+            }),
+        }
+    }
+}
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = TokioIo<UpstreamStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().to_owned();
+            let timeout = inner.timeout;
+            match tokio::time::timeout(timeout, inner.connect(&uri)).await {
+                Ok(result) => result,
+                Err(_) => Err(ConnectError::Timeout { host, timeout }),
+            }
+        })
+    }
+}
+
+impl Inner {
+    async fn connect(&self, uri: &Uri) -> Result<TokioIo<UpstreamStream>, ConnectError> {
+        if uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
+            return Err(ConnectError::NotHttps);
+        }
+        let host = uri.host().unwrap_or_default();
+        let port = uri.port_u16().unwrap_or(443);
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let addrs: Vec<SocketAddr> = if let Some(pin) = self.pins.get(&(host.to_owned(), port)) {
+            vec![*pin]
+        } else if let Ok(ip) = bare.parse::<IpAddr>() {
+            vec![SocketAddr::new(ip, port)]
+        } else {
+            tokio::net::lookup_host((bare, port))
+                .await
+                .map_err(|source| ConnectError::Resolve {
+                    host: host.to_owned(),
+                    source,
+                })?
+                .collect()
+        };
+        let mut last_error = None;
+        let mut denied = None;
+        let mut tcp = None;
+        for addr in addrs {
+            if !self.policy.allows(addr.ip()) {
+                denied.get_or_insert(addr.ip());
+                continue;
+            }
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    tcp = Some(stream);
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        let tcp = match (tcp, last_error, denied) {
+            (Some(tcp), _, _) => tcp,
+            (None, Some(source), _) => {
+                return Err(ConnectError::Connect {
+                    host: host.to_owned(),
+                    source,
+                });
+            }
+            (None, None, Some(addr)) => {
+                return Err(ConnectError::AddressDenied {
+                    host: host.to_owned(),
+                    addr,
+                });
+            }
+            (None, None, None) => {
+                let source = io::Error::new(io::ErrorKind::NotFound, "no addresses");
+                return Err(ConnectError::Resolve {
+                    host: host.to_owned(),
+                    source,
+                });
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(bare.to_owned()).map_err(|e| ConnectError::Tls {
+            host: host.to_owned(),
+            source: io::Error::other(e),
+        })?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|source| ConnectError::Tls {
+                host: host.to_owned(),
+                source,
+            })?;
+        Ok(TokioIo::new(UpstreamStream(tls)))
+    }
+}
+
+/// A TLS connection to an upstream; tells the pool whether ALPN chose HTTP/2.
+pub struct UpstreamStream(TlsStream<TcpStream>);
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        let connected = Connected::new();
+        if self.0.get_ref().1.alpn_protocol() == Some(b"h2") {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,345 @@
+//! The request path: one handler calling plain async steps in order: admit -> connector and org
+//! -> inbound authentication -> target rule -> credentials -> forward. Every request ends in one
+//! canonical log line.
+
+use std::hash::{BuildHasher, RandomState};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::ServerSettings;
+use crate::error::{self, ProxyError};
+use crate::forward::Upstream;
+use crate::registry::{Org, Registry};
+use crate::secret::Secret;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub struct Proxy {
+    registry: Arc<Registry>,
+    upstream: Upstream,
+    connector_header: HeaderName,
+    org_header: HeaderName,
+    limit: Arc<Semaphore>,
+}
+
+/// What the request named, for the error body and the log line.
+#[derive(Default)]
+struct Named {
+    org: Option<String>,
+    connector: Option<String>,
+    host: Option<String>,
+}
+
+impl Proxy {
+    pub fn new(registry: Arc<Registry>, upstream: Upstream, server: &ServerSettings) -> Self {
+        Self {
+            registry,
+            upstream,
+            connector_header: server.connector_header.clone(),
+            org_header: server.org_header.clone(),
+            limit: Arc::new(Semaphore::new(server.max_concurrent_requests)),
+        }
+    }
+
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let request_id = request_id(request.headers());
+        let method = request.method().clone();
+        let mut named = Named::default();
+        // The permit travels with the response body, so a long download counts until it ends.
+        let permit = self.limit.clone().try_acquire_owned().ok();
+        let result = match permit {
+            None => Err(ProxyError::Overloaded),
+            Some(_) => self.forward(request, &request_id, &mut named).await,
+        };
+        let (mut response, code) = match result {
+            Ok(response) => (
+                response.map(|b| ResponseBody::new(Either::Left(b), permit)),
+                None,
+            ),
+            Err(e) => {
+                let response = error::response(
+                    &e,
+                    named.org.as_deref(),
+                    named.connector.as_deref(),
+                    &request_id,
+                );
+                (
+                    response.map(|b| ResponseBody::new(Either::Right(b), None)),
+                    Some(e.code()),
+                )
+            }
+        };
+        if let Ok(value) = HeaderValue::try_from(request_id.as_str()) {
+            response.headers_mut().insert(X_REQUEST_ID, value);
+        }
+        tracing::info!(
+            target: "connector_proxy::access",
+            request_id = %request_id,
+            org = named.org.as_deref().unwrap_or("-"),
+            connector = named.connector.as_deref().unwrap_or("-"),
+            method = %method,
+            host = named.host.as_deref().unwrap_or("-"),
+            status = response.status().as_u16(),
+            error = code.unwrap_or("-"),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+        response
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        request_id: &str,
+        named: &mut Named,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::ConnectNotSupported);
+        }
+        let headers = request.headers();
+        let connector_name = match single_header(headers, &self.connector_header) {
+            Header::One(name) => name,
+            Header::Missing => {
+                return Err(ProxyError::MissingConnectorHeader(
+                    self.connector_header.to_string(),
+                ));
+            }
+            Header::Many => {
+                return Err(ProxyError::DuplicateConnectorHeader(
+                    self.connector_header.to_string(),
+                ));
+            }
+        };
+        named.connector = Some(connector_name.clone());
+        let org = match single_header(headers, &self.org_header) {
+            Header::One(id) => {
+                let org = self.registry.org(&id);
+                named.org = Some(id);
+                org.ok_or(ProxyError::UnknownOrg)?
+            }
+            Header::Missing => self
+                .registry
+                .only_org()
+                .ok_or_else(|| ProxyError::MissingOrgHeader(self.org_header.to_string()))?,
+            Header::Many => {
+                return Err(ProxyError::DuplicateOrgHeader(self.org_header.to_string()));
+            }
+        };
+        named.org = Some(org.name.clone());
+        authenticate(org, headers)?;
+        let connector = org
+            .connector(&connector_name)
+            .ok_or(ProxyError::UnknownConnector)?;
+        let target = connector
+            .resource_domain
+            .resolve(request.uri())
+            .map_err(|e| ProxyError::target(e, &connector.resource_domain))?;
+        named.host = target.uri.host().map(str::to_owned);
+        let authorization = connector.credentials.authorization().await?;
+
+        let (mut parts, body) = request.into_parts();
+        rewrite_request_headers(&mut parts.headers, &self.connector_header, &self.org_header);
+        parts.headers.insert(header::AUTHORIZATION, authorization);
+        if let Ok(id) = HeaderValue::try_from(request_id) {
+            parts.headers.insert(X_REQUEST_ID, id);
+        }
+        parts.uri = target.uri;
+        let mut response = self
+            .upstream
+            .send(Request::from_parts(parts, Either::Left(body)))
+            .await?;
+        strip_hop_by_hop(response.headers_mut());
+        response.headers_mut().remove(header::PROXY_AUTHENTICATE);
+        Ok(response)
+    }
+}
+
+fn authenticate(org: &Org, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let Some(expected) = &org.inbound_token else {
+        return Ok(());
+    };
+    let presented = headers
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match presented {
+        Some(token) if tokens_match(token, expected) => Ok(()),
+        _ => Err(ProxyError::ProxyAuthRequired),
+    }
+}
+
+/// Constant-time in the token's content; only its length can be learnt from timing.
+fn tokens_match(presented: &str, expected: &Secret) -> bool {
+    presented
+        .as_bytes()
+        .ct_eq(expected.expose().as_bytes())
+        .into()
+}
+
+enum Header {
+    Missing,
+    One(String),
+    Many,
+}
+
+fn single_header(headers: &HeaderMap, name: &HeaderName) -> Header {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Header::Missing,
+        (Some(_), Some(_)) => Header::Many,
+        (Some(v), None) if v.is_empty() => Header::Missing,
+        (Some(v), None) => Header::One(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+    }
+}
+
+/// Headers that belong to one hop (RFC 9110 7.6.1) plus the proxy's own.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header lists.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// What never leaves the proxy: hop-by-hop headers, the proxy's own headers, the caller's
+/// `Authorization` (replaced), `Host` (the client sets it from the target), forwarding
+/// headers (internal addresses stay inside) and `Expect` (answered at this hop).
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    connector_header: &HeaderName,
+    org_header: &HeaderName,
+) {
+    strip_hop_by_hop(headers);
+    for name in [
+        connector_header,
+        org_header,
+        &header::AUTHORIZATION,
+        &header::HOST,
+        &header::FORWARDED,
+        &HeaderName::from_static("x-forwarded-for"),
+        &header::EXPECT,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// The caller's `X-Request-Id` when it is a short printable token, else a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    if let Some(id) = headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
+            return id.to_owned();
+        }
+    }
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| RandomState::new().hash_one(std::process::id()));
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{:016x}", splitmix64(seed.wrapping_add(n)))
+}
+
+/// A bijective mixer: distinct counters give distinct ids that do not look sequential.
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The response body: the upstream's, streamed, or the proxy's own error. Holds the
+/// concurrency permit until the body is done.
+pub struct ResponseBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl ResponseBody {
+    fn new(inner: Either<Incoming, Full<Bytes>>, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self {
+            inner,
+            _permit: permit,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn generated_request_ids_are_distinct_and_callers_are_kept() {
+        let empty = HeaderMap::new();
+        assert_ne!(request_id(&empty), request_id(&empty));
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("flow-42"));
+        assert_eq!(request_id(&headers), "flow-42");
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&headers), "has space");
+    }
+}
