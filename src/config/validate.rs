@@ -21,6 +21,8 @@ struct Validator<'a> {
     text: &'a str,
     dir: &'a Path,
     problems: Vec<Problem>,
+    /// The connector being validated, where a problem about a missing key points.
+    here: Option<Range<usize>>,
 }
 
 pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
@@ -29,6 +31,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
         text,
         dir,
         problems: Vec::new(),
+        here: None,
     };
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
@@ -296,7 +299,7 @@ impl Validator<'_> {
         ] {
             if value.is_none() {
                 missing = true;
-                self.problem(None, place, format!(
+                self.problem(self.here.clone(), place, format!(
                     "{field} is required for client_auth = \"{method}\"; add {field} = {{ file = \"certs/{}.pem\" }}",
                     if field == "certificate" { "client-certificate" } else { "client-key" }
                 ));
@@ -339,7 +342,7 @@ impl Validator<'_> {
         for (field, present) in fields {
             if *present {
                 self.problem(
-                    None,
+                    self.here.clone(),
                     place,
                     format!("{field} does not apply to {context}; remove it"),
                 );
@@ -357,7 +360,7 @@ impl Validator<'_> {
     ) -> Option<&'r Spanned<T>> {
         if value.is_none() {
             self.problem(
-                None,
+                self.here.clone(),
                 place,
                 format!("{field} is required for {context}; add {field} = {example}"),
             );
@@ -373,6 +376,7 @@ impl Validator<'_> {
     ) -> Option<ConnectorConfig> {
         let place = format!("orgs.{}.connectors.{}", key(org), key(name));
         let span = raw.span();
+        self.here = Some(span.clone());
         let c = raw.get_ref();
         let before = self.problems.len();
         let Some(auth) = &c.auth else {
@@ -464,7 +468,7 @@ impl Validator<'_> {
         let username = username.map(|u| u.get_ref().clone());
         if username.as_deref().is_some_and(|u| u.contains(':')) {
             self.problem(
-                None,
+                self.here.clone(),
                 place,
                 "username must not contain ':' (HTTP Basic cannot carry it)",
             );
@@ -480,7 +484,7 @@ impl Validator<'_> {
         const CONTEXT: &str = "auth = \"oauth2\"";
         if c.validation_url.is_some() {
             self.problem(
-                None,
+                self.here.clone(),
                 place,
                 "validation_url applies to auth = \"basic\"; OAuth connectors are \
                 checked by fetching a token (connector-proxy check --online): remove it",

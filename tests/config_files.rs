@@ -1,0 +1,124 @@
+//! `connector-proxy check` over the fixtures in tests/config: every invalid file fails with a
+//! message naming its key (each `# expect:` line of the file), every valid one passes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures(kind: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/config")
+        .join(kind);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn check(path: &Path) -> (bool, String, String) {
+    let out = Command::new(common::binary())
+        .args(["check", "--config"])
+        .arg(path)
+        .env_remove("CONNECTOR_PROXY_CONFIG")
+        .env_remove("CONNECTOR_PROXY_TEST_UNSET_PASSWORD")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn every_invalid_config_fails_naming_its_key() {
+    let files = fixtures("invalid");
+    assert!(
+        files.len() >= 20,
+        "expected the invalid fixtures, found {}",
+        files.len()
+    );
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let expected: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# expect: "))
+            .collect();
+        assert!(
+            !expected.is_empty(),
+            "{} has no # expect: line",
+            file.display()
+        );
+        let (ok, _, stderr) = check(&file);
+        assert!(!ok, "{} was accepted", file.display());
+        assert!(
+            stderr.contains(&file.display().to_string()),
+            "{}: file not named in\n{stderr}",
+            file.display()
+        );
+        for needle in expected {
+            assert!(
+                stderr.contains(needle),
+                "{}: {needle:?} not in\n{stderr}",
+                file.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn problems_carry_line_and_column_where_the_parser_knows_them() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/config/invalid/unknown_key.toml");
+    let (_, _, stderr) = check(&file);
+    assert!(
+        stderr.contains(&format!("{}:4:1: ", file.display())),
+        "{stderr}"
+    );
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/config/invalid/http_resource_domain.toml");
+    let (_, _, stderr) = check(&file);
+    assert!(
+        stderr.contains(&format!(
+            "{}:4:19: orgs.acme.connectors.crm: ",
+            file.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn valid_configs_pass_and_list_connectors_without_secrets() {
+    let mut files = fixtures("valid");
+    assert!(files.len() >= 2);
+    files.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/proxy.toml"));
+    for file in files {
+        let (ok, stdout, stderr) = check(&file);
+        assert!(ok, "{} refused:\n{stderr}", file.display());
+        assert!(stdout.contains("connector "), "{stdout}");
+        for secret in [
+            "literal-is-allowed",
+            "crm-secret",
+            "billing-secret",
+            "legacy-password",
+            "acme-inbound",
+        ] {
+            assert!(
+                !stdout.contains(secret) && !stderr.contains(secret),
+                "{secret} printed by check"
+            );
+        }
+    }
+    let (_, stdout, _) =
+        check(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/config/valid/every_kind.toml"));
+    for line in [
+        "\"Contact Center Connector\": basic",
+        "\"billing\": oauth2",
+        "\"legacy\": oauth2",
+    ] {
+        assert!(stdout.contains(line), "{line} not in\n{stdout}");
+    }
+}
