@@ -202,6 +202,15 @@ pub struct Download {
     chunk: Bytes,
 }
 
+impl Download {
+    pub fn new(size: u64) -> Self {
+        Self {
+            left: size,
+            chunk: Bytes::from(vec![b'x'; 64 * 1024]),
+        }
+    }
+}
+
 impl hyper::body::Body for Download {
     type Data = Bytes;
     type Error = Infallible;
