@@ -1,1 +1,55 @@
-fn main() {}
+//! Hot-path micro-benchmarks. The performance issue adds the whole-request pair (direct vs via
+//! proxy); for now: the resource-domain rule and header rewriting, which every request runs.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use std::hint::black_box;
+
+use connector_proxy::proxy::rewrite_request_headers;
+use connector_proxy::target::ResourceDomain;
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+
+fn target_rule(c: &mut Criterion) {
+    let domain = ResourceDomain::parse("https://api.example.com/v2").unwrap();
+    let origin: Uri = "/contacts/42?expand=notes".parse().unwrap();
+    let absolute: Uri = "https://API.example.com./v2/contacts/./42?expand=notes"
+        .parse()
+        .unwrap();
+    let mut group = c.benchmark_group("target_rule");
+    group.bench_function("origin_form", |b| {
+        b.iter(|| domain.resolve(black_box(&origin)).unwrap())
+    });
+    group.bench_function("absolute_form", |b| {
+        b.iter(|| domain.resolve(black_box(&absolute)).unwrap())
+    });
+    group.finish();
+}
+
+fn header_rewrite(c: &mut Criterion) {
+    let connector = HeaderName::from_static("x-connector-name");
+    let org = HeaderName::from_static("x-org-id");
+    let mut template = HeaderMap::new();
+    for (name, value) in [
+        ("host", "127.0.0.1:8080"),
+        ("x-connector-name", "Contact Center Connector"),
+        ("x-org-id", "acme"),
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        ("user-agent", "flow-engine/1.0"),
+        ("connection", "keep-alive"),
+    ] {
+        template.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    c.bench_function("rewrite_request_headers", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |headers| rewrite_request_headers(headers, &connector, &org),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, target_rule, header_rewrite);
+criterion_main!(benches);

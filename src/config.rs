@@ -83,7 +83,7 @@ pub struct ConnectorConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AuthConfig {
     Basic { username: String, password: Secret },
-    OAuth2(OAuthClient),
+    OAuth2(Box<OAuthClient>),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -25,7 +25,7 @@ pub enum CredentialError {
 pub enum Credentials {
     /// The whole header value, computed once at load time.
     Basic(HeaderValue),
-    OAuth(OAuthClient),
+    OAuth(Box<OAuthClient>),
 }
 
 impl Credentials {

@@ -298,7 +298,7 @@ fn decode_separators(path: &str) -> String {
     let mut rest = path;
     while let Some(i) = rest.find(['%', '\\']) {
         out.push_str(&rest[..i]);
-        let tail = rest[i..].as_bytes();
+        let tail = &rest.as_bytes()[i..];
         let encoded = tail.len() >= 3
             && (tail[1..3].eq_ignore_ascii_case(b"2f") || tail[1..3].eq_ignore_ascii_case(b"5c"));
         let skip = if tail[0] == b'\\' {

@@ -407,7 +407,9 @@ impl Validator<'_> {
         };
         let auth = match auth.get_ref() {
             AuthKind::Basic => self.basic(c, &place),
-            AuthKind::Oauth2 => self.oauth2(c, &place).map(AuthConfig::OAuth2),
+            AuthKind::Oauth2 => self
+                .oauth2(c, &place)
+                .map(|o| AuthConfig::OAuth2(Box::new(o))),
         };
         let validation_url = match (&c.validation_url, &resource_domain) {
             (Some(v), Some(domain)) => {
