@@ -404,27 +404,52 @@ async fn request_errors_follow_the_contract_and_reach_no_upstream() {
 #[tokio::test]
 async fn internal_addresses_are_denied_unless_allowed() {
     let world = World::new().await;
+    let denied = ("x-connector-name", "Contact Center Connector");
     let proxy = world.start(&world.config("", ""));
-    expect_error(
-        &proxy,
-        "GET",
-        "/x",
-        &[CONNECTOR],
-        403,
-        "target_address_denied",
-    )
-    .await;
+    expect_error(&proxy, "GET", "/x", &[denied], 403, "target_address_denied").await;
     let narrow = world.start(&world.config("allow_networks = [\"10.0.0.0/8\"]", ""));
     expect_error(
         &narrow,
         "GET",
         "/x",
-        &[CONNECTOR],
+        &[denied],
         403,
         "target_address_denied",
     )
     .await;
     assert!(world.crm.seen().is_empty());
+
+    // Without a pin: through the system resolver (localhost) and as an IP literal, which
+    // hyper-util's own connector would dial without asking any resolver.
+    let local = Upstream::start(&world.pki.leaf(&["localhost", "127.0.0.1"]), &[b"http/1.1"]).await;
+    let port = local.addr.port();
+    let connectors = format!(
+        "[orgs.acme.connectors.dns]\nauth = \"basic\"\nresource_domain = \"https://localhost:{port}\"\nusername = \"u\"\npassword = \"p\"\n\
+         [orgs.acme.connectors.literal]\nauth = \"basic\"\nresource_domain = \"https://127.0.0.1:{port}\"\nusername = \"u\"\npassword = \"p\"\n"
+    );
+    let refused = world.start(&world.config("", &connectors));
+    for name in ["dns", "literal"] {
+        expect_error(
+            &refused,
+            "GET",
+            "/x",
+            &[("x-connector-name", name)],
+            403,
+            "target_address_denied",
+        )
+        .await;
+    }
+    assert!(local.seen().is_empty());
+    // The same connectors with loopback allowed do reach it: the refusal above was the policy.
+    let allowed = world.start(&world.config(
+        "allow_networks = [\"127.0.0.0/8\", \"::1/128\"]",
+        &connectors,
+    ));
+    for name in ["dns", "literal"] {
+        let answer = get(allowed.addr, "/x", &[("x-connector-name", name)]).await;
+        assert_eq!(answer.status, 200, "{name}: {answer:?}");
+    }
+    assert_eq!(local.seen().len(), 2);
 }
 
 #[tokio::test]
