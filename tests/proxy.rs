@@ -130,6 +130,7 @@ async fn origin_form_request_reaches_upstream_with_exact_credentials_host_path_a
     assert_eq!(req.headers.get_all("authorization").iter().count(), 1);
     // HTTP/2 by ALPN: the authority travels as :authority, which hyper exposes via the URI.
     assert_eq!(req.version, http::Version::HTTP_2);
+    assert_eq!(req.authority, "crm.example.com");
     assert_eq!(req.headers["accept"], "application/json");
     assert_eq!(req.headers["x-request-id"], "flow-run-17");
     for gone in [
@@ -169,6 +170,7 @@ async fn absolute_form_over_http1_sets_host_without_default_port() {
     let seen = h1.seen();
     assert_eq!(seen[0].version, http::Version::HTTP_11);
     assert_eq!(seen[0].headers["host"], "legacy.example.org");
+    assert_eq!(seen[0].authority, "legacy.example.org");
     assert_eq!(seen[0].uri, "/a/b?q");
     assert_eq!(seen[0].headers.get_all("host").iter().count(), 1);
 }

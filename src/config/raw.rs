@@ -1,6 +1,26 @@
 //! Serde structs that mirror the TOML file one to one. Everything a connector may carry is
 //! optional here, so that validation can report every missing field at once instead of serde
-//! stopping at the first.
+//! stopping at the first. Unknown keys are not refused here (`deny_unknown_fields` would stop
+//! at the first one) but collected by `serde_ignored` in validation, all of them.
+
+/// The keys a connector table may hold, for "did you mean" hints.
+pub const CONNECTOR_KEYS: &[&str] = &[
+    "auth",
+    "grant",
+    "client_auth",
+    "resource_domain",
+    "validation_url",
+    "token_url",
+    "client_id",
+    "client_secret",
+    "username",
+    "password",
+    "certificate",
+    "private_key",
+    "client_assertion_alg",
+    "scope",
+    "extra_params",
+];
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,7 +34,7 @@ use toml::Spanned;
 use crate::secret::SecretSource;
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawConfig {
     pub server: RawServer,
     pub upstream: RawUpstream,
@@ -23,7 +43,7 @@ pub struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawServer {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
@@ -53,7 +73,7 @@ impl Default for RawServer {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawUpstream {
     pub connect_timeout: HumanDuration,
     pub request_timeout: HumanDuration,
@@ -77,7 +97,7 @@ impl Default for RawUpstream {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawOAuth {
     pub refresh_before_expiry: HumanDuration,
     pub default_expires_in: HumanDuration,
@@ -95,7 +115,7 @@ impl Default for RawOAuth {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawOrg {
     pub inbound_token: Option<Spanned<SecretSource>>,
     pub connectors: BTreeMap<String, Spanned<RawConnector>>,
@@ -103,7 +123,7 @@ pub struct RawOrg {
 
 /// Every key any connector kind may carry; which ones apply is checked in validation.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawConnector {
     pub auth: Option<Spanned<AuthKind>>,
     pub grant: Option<Spanned<GrantKind>>,

@@ -33,13 +33,19 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
         problems: Vec::new(),
         here: None,
     };
-    let raw: RawConfig = match toml::from_str(text) {
+    let mut unknown = Vec::new();
+    let parsed = toml::de::Deserializer::parse(text)
+        .and_then(|de| serde_ignored::deserialize(de, |path| unknown.push(segments(&path))));
+    let raw: RawConfig = match parsed {
         Ok(raw) => raw,
         Err(e) => {
             v.problem(e.span(), "", e.message().trim_end());
             return Err(v.problems);
         }
     };
+    for path in &unknown {
+        v.unknown_key(path);
+    }
     let server = v.server(&raw.server);
     let upstream = v.upstream(&raw.upstream);
     let oauth = OAuthSettings {
@@ -53,6 +59,9 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
             orgs.insert(name.clone(), org);
         }
     }
+    // In file order; problems without a position (defaults) last. The sort is stable.
+    v.problems
+        .sort_by_key(|p| p.position.unwrap_or((usize::MAX, 0)));
     match (server, v.problems.is_empty()) {
         (Some(server), true) => Ok(Config {
             path: path.to_owned(),
@@ -63,6 +72,49 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
         }),
         _ => Err(v.problems),
     }
+}
+
+/// The keys leading to an ignored key, without serde's wrappers (such as `Spanned`'s).
+fn segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => Vec::new(),
+        Path::Map { parent, key } => {
+            let mut out = segments(parent);
+            if !key.starts_with("$__serde") {
+                out.push(key.clone());
+            }
+            out
+        }
+        Path::Seq { parent, index } => {
+            let mut out = segments(parent);
+            out.push(index.to_string());
+            out
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => segments(parent),
+    }
+}
+
+/// Levenshtein distance, for "did you mean" hints on short keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let current = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                previous
+            } else {
+                1 + previous.min(row[j]).min(current)
+            };
+            previous = current;
+        }
+    }
+    row[b.len()]
 }
 
 /// A TOML key, quoted when it is not a bare key (connector names may hold spaces).
@@ -95,6 +147,80 @@ impl Validator<'_> {
         let line = before.matches('\n').count() + 1;
         let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
         (line, column)
+    }
+
+    /// `path` leads to a key that no struct takes.
+    fn unknown_key(&mut self, path: &[String]) {
+        let Some((key_name, parents)) = path.split_last() else {
+            return;
+        };
+        let place = parents.iter().map(|p| key(p)).collect::<Vec<_>>().join(".");
+        let parents: Vec<&str> = parents.iter().map(String::as_str).collect();
+        let known: &[&str] = match parents.as_slice() {
+            [] => &["server", "upstream", "oauth", "orgs"],
+            ["server"] => &[
+                "listen",
+                "admin_listen",
+                "connector_header",
+                "org_header",
+                "max_connectors_per_org",
+                "max_concurrent_requests",
+                "header_read_timeout",
+                "max_header_bytes",
+                "shutdown_grace",
+            ],
+            ["upstream"] => &[
+                "connect_timeout",
+                "request_timeout",
+                "max_replay_body",
+                "extra_ca_file",
+                "allow_networks",
+                "resolve",
+            ],
+            ["oauth"] => &[
+                "refresh_before_expiry",
+                "default_expires_in",
+                "token_timeout",
+            ],
+            ["orgs", _] => &["inbound_token", "connectors"],
+            ["orgs", _, "connectors", ..] => raw::CONNECTOR_KEYS,
+            _ => &[],
+        };
+        let hint = match known.iter().find(|k| edit_distance(k, key_name) <= 2) {
+            Some(close) => format!("did you mean `{close}`?"),
+            None if known.is_empty() => "remove it".to_owned(),
+            None => format!("remove it; the keys here are {}", known.join(", ")),
+        };
+        let position = self.key_offset(key_name).map(|o| o..o + key_name.len());
+        self.problem(
+            position,
+            &place,
+            format!("unknown key `{key_name}`: {hint}"),
+        );
+    }
+
+    /// Where `key = ` first starts a line (or follows `{`/`,` in an inline table).
+    fn key_offset(&self, key_name: &str) -> Option<usize> {
+        let mut offset = 0;
+        for line in self.text.split_inclusive('\n') {
+            let trimmed = line.trim_start();
+            let rest = trimmed.strip_prefix(key_name).or_else(|| {
+                let i = line.find(&format!(" {key_name}"))?;
+                let before = line[..i].trim_end();
+                (before.ends_with('{') || before.ends_with(','))
+                    .then(|| &line[i + 1 + key_name.len()..])
+            });
+            if rest.is_some_and(|r| r.trim_start().starts_with('=')) {
+                let column = if trimmed.starts_with(key_name) {
+                    line.len() - trimmed.len()
+                } else {
+                    line.find(key_name)?
+                };
+                return Some(offset + column);
+            }
+            offset += line.len();
+        }
+        None
     }
 
     fn header_name(&mut self, value: &Spanned<String>, place: &str) -> Option<HeaderName> {

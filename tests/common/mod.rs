@@ -67,6 +67,8 @@ impl Pki {
 pub struct Seen {
     pub method: Method,
     pub uri: String,
+    /// `:authority` on HTTP/2, `Host` on HTTP/1.1.
+    pub authority: String,
     pub version: Version,
     pub headers: HeaderMap,
     pub body_len: u64,
@@ -150,6 +152,14 @@ async fn answer(
             .path_and_query()
             .map(|p| p.to_string())
             .unwrap_or_default(),
+        authority: match parts.uri.authority() {
+            Some(authority) => authority.to_string(),
+            None => parts
+                .headers
+                .get("host")
+                .map(|h| h.to_str().unwrap().to_owned())
+                .unwrap_or_default(),
+        },
         version: parts.version,
         headers: parts.headers.clone(),
         body_len,
