@@ -244,137 +244,97 @@ async fn request_errors_follow_the_contract_and_reach_no_upstream() {
     let bearer = format!("Bearer {INBOUND}");
     let auth = ("proxy-authorization", bearer.as_str());
     let org = ("x-org-id", "acme");
-
-    expect_error(
-        &proxy,
-        "GET",
-        "/x",
-        &[org, auth],
-        400,
-        "missing_connector_header",
-    )
-    .await;
-    expect_error(
-        &proxy,
-        "GET",
-        "/x",
-        &[org, auth, ("x-connector-name", "")],
-        400,
-        "missing_connector_header",
-    )
-    .await;
-    expect_error(
-        &proxy,
-        "GET",
-        "/x",
-        &[org, auth, CONNECTOR, CONNECTOR],
-        400,
-        "missing_connector_header",
-    )
-    .await;
-    expect_error(
-        &proxy,
-        "GET",
-        "/x",
-        &[CONNECTOR, auth],
-        400,
-        "missing_org_header",
-    )
-    .await;
-    let a = expect_error(
-        &proxy,
-        "GET",
-        "/x",
-        &[CONNECTOR, ("x-org-id", "nobody")],
-        404,
-        "unknown_org",
-    )
-    .await;
-    assert_eq!(a.json()["org"], "nobody");
-    let a = expect_error(
-        &proxy,
-        "GET",
-        "/x",
-        &[org, auth, ("x-connector-name", "contact center connector")],
-        404,
-        "unknown_connector",
-    )
-    .await;
-    assert_eq!(a.json()["connector"], "contact center connector");
-    // One org's connector named from another org.
-    expect_error(
-        &proxy,
-        "GET",
-        "/x",
-        &[org, auth, ("x-connector-name", "canary")],
-        404,
-        "unknown_connector",
-    )
-    .await;
-    // Inbound authentication comes before anything about connectors is revealed.
-    let a = expect_error(
-        &proxy,
-        "GET",
-        "/x",
-        &[org, CONNECTOR],
-        407,
-        "proxy_auth_required",
-    )
-    .await;
-    assert_eq!(a.headers["proxy-authenticate"], "Bearer");
-    expect_error(
-        &proxy,
-        "GET",
-        "/x",
-        &[
-            org,
-            ("x-connector-name", "nope"),
-            ("proxy-authorization", "Bearer wrong"),
-        ],
-        407,
-        "proxy_auth_required",
-    )
-    .await;
-    expect_error(
-        &proxy,
-        "GET",
-        "/x",
-        &[
-            org,
-            CONNECTOR,
-            ("proxy-authorization", &format!("Basic {INBOUND}")),
-        ],
-        407,
-        "proxy_auth_required",
-    )
-    .await;
-    expect_error(
-        &proxy,
-        "CONNECT",
-        "crm.example.com:443",
-        &[org, auth, CONNECTOR],
-        405,
-        "connect_not_supported",
-    )
-    .await;
-    expect_error(
-        &proxy,
-        "OPTIONS",
-        "*",
-        &[org, auth, CONNECTOR],
-        400,
-        "bad_target",
-    )
-    .await;
-    expect_error(
-        &proxy,
-        "GET",
-        "crm.example.com:443",
-        &[org, auth, CONNECTOR],
-        400,
-        "bad_target",
-    )
-    .await;
+    let wrong_scheme = format!("Basic {INBOUND}");
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let mut cases: Vec<Case> = vec![
+        (
+            "GET",
+            "/x",
+            vec![org, auth],
+            400,
+            "missing_connector_header",
+        ),
+        (
+            "GET",
+            "/x",
+            vec![org, auth, ("x-connector-name", "")],
+            400,
+            "missing_connector_header",
+        ),
+        (
+            "GET",
+            "/x",
+            vec![org, auth, CONNECTOR, CONNECTOR],
+            400,
+            "missing_connector_header",
+        ),
+        (
+            "GET",
+            "/x",
+            vec![CONNECTOR, auth],
+            400,
+            "missing_org_header",
+        ),
+        (
+            "GET",
+            "/x",
+            vec![CONNECTOR, org, org],
+            400,
+            "missing_org_header",
+        ),
+        // One org's connector named from another org.
+        (
+            "GET",
+            "/x",
+            vec![org, auth, ("x-connector-name", "canary")],
+            404,
+            "unknown_connector",
+        ),
+        // Inbound authentication comes before anything about connectors is revealed.
+        (
+            "GET",
+            "/x",
+            vec![
+                org,
+                ("x-connector-name", "nope"),
+                ("proxy-authorization", "Bearer wrong"),
+            ],
+            407,
+            "proxy_auth_required",
+        ),
+        (
+            "GET",
+            "/x",
+            vec![
+                org,
+                CONNECTOR,
+                ("proxy-authorization", wrong_scheme.as_str()),
+            ],
+            407,
+            "proxy_auth_required",
+        ),
+        (
+            "CONNECT",
+            "crm.example.com:443",
+            vec![org, auth, CONNECTOR],
+            405,
+            "connect_not_supported",
+        ),
+        (
+            "OPTIONS",
+            "*",
+            vec![org, auth, CONNECTOR],
+            400,
+            "bad_target",
+        ),
+        (
+            "GET",
+            "crm.example.com:443",
+            vec![org, auth, CONNECTOR],
+            400,
+            "bad_target",
+        ),
+    ];
     for outside in [
         "https://canary.example.net/api/x",
         "http://crm.example.com/api/x",
@@ -386,16 +346,49 @@ async fn request_errors_follow_the_contract_and_reach_no_upstream() {
         "/../admin",
         "/%2e%2e/admin",
     ] {
-        expect_error(
-            &proxy,
+        cases.push((
             "GET",
             outside,
-            &[org, auth, CONNECTOR],
+            vec![org, auth, CONNECTOR],
             403,
             "target_outside_resource_domain",
-        )
-        .await;
+        ));
     }
+    for (method, target, headers, status, code) in cases {
+        expect_error(&proxy, method, target, &headers, status, code).await;
+    }
+    // The error body names what the request named, so the author sees which was wrong.
+    let a = expect_error(
+        &proxy,
+        "GET",
+        "/x",
+        &[CONNECTOR, ("x-org-id", "nobody")],
+        404,
+        "unknown_org",
+    )
+    .await;
+    assert_eq!(a.json()["org"], "nobody");
+    let lower = ("x-connector-name", "contact center connector");
+    let a = expect_error(
+        &proxy,
+        "GET",
+        "/x",
+        &[org, auth, lower],
+        404,
+        "unknown_connector",
+    )
+    .await;
+    assert_eq!(a.json()["connector"], "contact center connector");
+    let a = expect_error(
+        &proxy,
+        "GET",
+        "/x",
+        &[org, CONNECTOR],
+        407,
+        "proxy_auth_required",
+    )
+    .await;
+    assert_eq!(a.headers["proxy-authenticate"], "Bearer");
     // The right token lets a request through: the refusals above were about the request.
     let ok = get(proxy.addr, "/ok", &[org, auth, CONNECTOR]).await;
     assert_eq!(ok.status, 200, "{ok:?}");
