@@ -129,15 +129,18 @@ impl Proxy {
                 named.org = Some(id);
                 org.ok_or(ProxyError::UnknownOrg)?
             }
-            Header::Missing => self
-                .registry
-                .only_org()
-                .ok_or_else(|| ProxyError::MissingOrgHeader(self.org_header.to_string()))?,
+            Header::Missing => {
+                let org = self
+                    .registry
+                    .only_org()
+                    .ok_or_else(|| ProxyError::MissingOrgHeader(self.org_header.to_string()))?;
+                named.org = Some(org.name.clone());
+                org
+            }
             Header::Many => {
                 return Err(ProxyError::DuplicateOrgHeader(self.org_header.to_string()));
             }
         };
-        named.org = Some(org.name.clone());
         authenticate(org, headers)?;
         let connector = org
             .connector(&connector_name)
