@@ -115,9 +115,11 @@ pub enum Grant {
 pub enum ClientAuth {
     SecretBasic(Secret),
     SecretPost(Secret),
+    /// `alg` is resolved at load time: the configured one, checked against the key, or the
+    /// key's natural one (RS256 for RSA, ES256 for P-256).
     PrivateKeyJwt {
         identity: ClientIdentity,
-        alg: Option<AssertionAlg>,
+        alg: AssertionAlg,
     },
     TlsClientAuth(ClientIdentity),
 }
@@ -154,6 +156,24 @@ impl fmt::Debug for ClientIdentity {
         f.debug_struct("ClientIdentity")
             .field("certificates", &self.cert_chain.len())
             .finish_non_exhaustive()
+    }
+}
+
+impl AssertionAlg {
+    pub fn scheme(self) -> rustls::SignatureScheme {
+        match self {
+            Self::RS256 => rustls::SignatureScheme::RSA_PKCS1_SHA256,
+            Self::PS256 => rustls::SignatureScheme::RSA_PSS_SHA256,
+            Self::ES256 => rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RS256 => "RS256",
+            Self::PS256 => "PS256",
+            Self::ES256 => "ES256",
+        }
     }
 }
 

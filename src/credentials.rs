@@ -3,11 +3,15 @@
 //! Kept apart from the request path (as Envoy keeps its credential injector apart from the
 //! credential sources): the handler asks for a header value and knows nothing of how it is made.
 
+pub mod oauth;
+
+use std::sync::Arc;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use http::HeaderValue;
 
-use crate::config::{AuthConfig, OAuthClient};
+use oauth::TokenSource;
 
 /// Why no credential could be had (502 `token_unavailable` / 504 `token_timeout`).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -25,27 +29,27 @@ pub enum CredentialError {
 pub enum Credentials {
     /// The whole header value, computed once at load time.
     Basic(HeaderValue),
-    OAuth(Box<OAuthClient>),
+    OAuth(Arc<TokenSource>),
 }
 
 impl Credentials {
-    pub fn new(auth: &AuthConfig) -> Self {
-        match auth {
-            AuthConfig::Basic { username, password } => {
-                Self::Basic(basic_header(username, password.expose()))
-            }
-            AuthConfig::OAuth2(client) => Self::OAuth(client.clone()),
-        }
-    }
-
     /// The `Authorization` value to send, marked sensitive so hyper's HPACK never indexes it.
     pub async fn authorization(&self) -> Result<HeaderValue, CredentialError> {
         match self {
             Self::Basic(value) => Ok(value.clone()),
-            Self::OAuth(_) => Err(CredentialError::Unavailable {
-                message: "OAuth token service not available in this build".into(),
-                oauth_error: None,
-            }),
+            Self::OAuth(source) => source.authorization().await,
+        }
+    }
+
+    /// After an upstream 401 to `sent`: whether a new credential may help (a replay is worth
+    /// it). For OAuth the rejected token is dropped; Basic credentials cannot change.
+    pub fn reject(&self, sent: &HeaderValue) -> bool {
+        match self {
+            Self::Basic(_) => false,
+            Self::OAuth(source) => {
+                source.invalidate(sent);
+                true
+            }
         }
     }
 }

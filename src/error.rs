@@ -28,6 +28,8 @@ pub enum ProxyError {
     DuplicateOrgHeader(String),
     #[error("{0}")]
     BadTarget(String),
+    #[error("the request body could not be read: {0}")]
+    BadRequestBody(String),
     #[error("{0}; only targets inside the connector's resource domain {1} are forwarded")]
     TargetOutside(String, String),
     #[error("{0}")]
@@ -68,7 +70,8 @@ impl ProxyError {
             | DuplicateConnectorHeader(_)
             | MissingOrgHeader(_)
             | DuplicateOrgHeader(_)
-            | BadTarget(_) => StatusCode::BAD_REQUEST,
+            | BadTarget(_)
+            | BadRequestBody(_) => StatusCode::BAD_REQUEST,
             TargetOutside(..) | AddressDenied(_) => StatusCode::FORBIDDEN,
             UnknownConnector | UnknownOrg => StatusCode::NOT_FOUND,
             ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
@@ -88,7 +91,7 @@ impl ProxyError {
         match self {
             MissingConnectorHeader(_) | DuplicateConnectorHeader(_) => "missing_connector_header",
             MissingOrgHeader(_) | DuplicateOrgHeader(_) => "missing_org_header",
-            BadTarget(_) => "bad_target",
+            BadTarget(_) | BadRequestBody(_) => "bad_target",
             TargetOutside(..) => "target_outside_resource_domain",
             AddressDenied(_) => "target_address_denied",
             UnknownConnector => "unknown_connector",
@@ -119,7 +122,9 @@ impl From<ForwardError> for ProxyError {
             ForwardError::AddressDenied(_) => Self::AddressDenied(message),
             ForwardError::Unreachable(_) => Self::UpstreamUnreachable(message),
             ForwardError::Tls(_) => Self::UpstreamTls(message),
-            ForwardError::Timeout(_) => Self::UpstreamTimeout(message),
+            ForwardError::Timeout(_) => {
+                Self::UpstreamTimeout(format!("{message} (upstream.request_timeout)"))
+            }
         }
     }
 }

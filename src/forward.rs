@@ -34,7 +34,7 @@ pub enum ForwardError {
     Unreachable(String),
     #[error("{0}")]
     Tls(String),
-    #[error("no response headers within {0:?} (upstream.request_timeout)")]
+    #[error("no response headers within {0:?}")]
     Timeout(Duration),
 }
 
@@ -87,13 +87,22 @@ impl Upstream {
     /// Sends `request` and waits for the response headers, at most `upstream.request_timeout`.
     pub async fn send(
         &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        self.send_within(request, self.request_timeout).await
+    }
+
+    /// Sends `request` and waits for the response headers, at most `timeout`.
+    pub async fn send_within(
+        &self,
         mut request: Request<UpstreamBody>,
+        timeout: Duration,
     ) -> Result<Response<Incoming>, ForwardError> {
         // The pool picks HTTP/2 or HTTP/1.1 per connection; an HTTP/2-versioned request would
         // fail on a pooled HTTP/1 connection.
         *request.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
-            Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Err(_) => Err(ForwardError::Timeout(timeout)),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(classify(e)),
         }

@@ -11,15 +11,16 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response};
-use http_body_util::{Either, Full};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::ServerSettings;
+use crate::credentials::Credentials;
 use crate::error::{self, ProxyError};
-use crate::forward::Upstream;
+use crate::forward::{Upstream, UpstreamBody};
 use crate::registry::{Org, Registry};
 use crate::secret::Secret;
 
@@ -31,6 +32,7 @@ pub struct Proxy {
     connector_header: HeaderName,
     org_header: HeaderName,
     limit: Arc<Semaphore>,
+    max_replay_body: usize,
 }
 
 /// What the request named, for the error body and the log line.
@@ -42,13 +44,19 @@ struct Named {
 }
 
 impl Proxy {
-    pub fn new(registry: Arc<Registry>, upstream: Upstream, server: &ServerSettings) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        upstream: Upstream,
+        server: &ServerSettings,
+        max_replay_body: usize,
+    ) -> Self {
         Self {
             registry,
             upstream,
             connector_header: server.connector_header.clone(),
             org_header: server.org_header.clone(),
             limit: Arc::new(Semaphore::new(server.max_concurrent_requests)),
+            max_replay_body,
         }
     }
 
@@ -154,18 +162,88 @@ impl Proxy {
 
         let (mut parts, body) = request.into_parts();
         rewrite_request_headers(&mut parts.headers, &self.connector_header, &self.org_header);
-        parts.headers.insert(header::AUTHORIZATION, authorization);
         if let Ok(id) = HeaderValue::try_from(request_id) {
             parts.headers.insert(X_REQUEST_ID, id);
         }
         parts.uri = target.uri;
-        let mut response = self
-            .upstream
-            .send(Request::from_parts(parts, Either::Left(body)))
-            .await?;
+        // Where a new token could help, keep a small body so that a 401 can be answered by
+        // sending the request once more.
+        let kept = match &connector.credentials {
+            Credentials::OAuth(_) => self.keep_for_replay(&parts.headers, body).await?,
+            Credentials::Basic(_) => Err(body),
+        };
+        let mut response = match kept {
+            Err(body) => {
+                self.send(&parts, Either::Left(body), authorization.clone())
+                    .await?
+            }
+            Ok(body) => {
+                let first = self
+                    .send(
+                        &parts,
+                        Either::Right(Full::new(body.clone())),
+                        authorization.clone(),
+                    )
+                    .await?;
+                if first.status() == StatusCode::UNAUTHORIZED
+                    && connector.credentials.reject(&authorization)
+                {
+                    drop(first);
+                    let renewed = connector.credentials.authorization().await?;
+                    self.send(&parts, Either::Right(Full::new(body)), renewed)
+                        .await?
+                } else {
+                    first
+                }
+            }
+        };
+        if response.status() == StatusCode::UNAUTHORIZED {
+            // Not replayed (body too large to keep): still drop the token for the next caller.
+            connector.credentials.reject(&authorization);
+        }
         strip_hop_by_hop(response.headers_mut());
         response.headers_mut().remove(header::PROXY_AUTHENTICATE);
         Ok(response)
+    }
+
+    async fn send(
+        &self,
+        parts: &http::request::Parts,
+        body: UpstreamBody,
+        authorization: HeaderValue,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = parts.uri.clone();
+        *request.headers_mut() = parts.headers.clone();
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, authorization);
+        Ok(self.upstream.send(request).await?)
+    }
+
+    /// The whole body when it is empty or has a `Content-Length` within
+    /// `upstream.max_replay_body`; otherwise the body untouched, to be streamed.
+    async fn keep_for_replay(
+        &self,
+        headers: &HeaderMap,
+        body: Incoming,
+    ) -> Result<Result<Bytes, Incoming>, ProxyError> {
+        let length = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let fits = match length {
+            Some(n) => n <= self.max_replay_body as u64,
+            None => body.is_end_stream(),
+        };
+        if !fits {
+            return Ok(Err(body));
+        }
+        match Limited::new(body, self.max_replay_body).collect().await {
+            Ok(collected) => Ok(Ok(collected.to_bytes())),
+            Err(e) => Err(ProxyError::BadRequestBody(e.to_string())),
+        }
     }
 }
 

@@ -3,10 +3,36 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::Config;
-use crate::credentials::Credentials;
+use crate::config::{AuthConfig, ClientAuth, Config, ConnectorConfig};
+use crate::credentials::oauth::TokenSource;
+use crate::credentials::oauth::assertion::{AssertionError, AssertionSigner};
+use crate::credentials::oauth::token_client::TokenEndpoint;
+use crate::credentials::{Credentials, basic_header};
+use crate::forward::{self, Upstream};
 use crate::secret::Secret;
 use crate::target::ResourceDomain;
+
+/// A connector whose credentials could not be set up although its configuration validated
+/// (a client certificate rustls refuses, say).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "orgs.{org}.connectors.{connector:?}: the client certificate cannot be used for TLS: {source}"
+    )]
+    ClientTls {
+        org: String,
+        connector: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("orgs.{org}.connectors.{connector:?}: {source}")]
+    Assertion {
+        org: String,
+        connector: String,
+        #[source]
+        source: AssertionError,
+    },
+}
 
 #[derive(Debug)]
 pub struct Registry {
@@ -30,34 +56,33 @@ pub struct Connector {
 }
 
 impl Registry {
-    pub fn new(config: &Config) -> Self {
-        let orgs = config
-            .orgs
-            .values()
-            .map(|org| {
-                let connectors = org
-                    .connectors
-                    .values()
-                    .map(|c| {
-                        let connector = Connector {
-                            org: c.org.clone(),
-                            name: c.name.clone(),
-                            auth_kind: c.auth.kind(),
-                            resource_domain: c.resource_domain.clone(),
-                            credentials: Credentials::new(&c.auth),
-                        };
-                        (c.name.clone(), Arc::new(connector))
-                    })
-                    .collect();
-                let org = Org {
-                    name: org.name.clone(),
-                    inbound_token: org.inbound_token.clone(),
-                    connectors,
+    /// Builds every connector's credentials. Token requests go through `upstream`, or through
+    /// a client of their own where the connector authenticates with a TLS client certificate.
+    pub fn new(config: &Config, upstream: &Upstream) -> Result<Self, RegistryError> {
+        let mut orgs = HashMap::new();
+        for org in config.orgs.values() {
+            let mut connectors = HashMap::new();
+            for c in org.connectors.values() {
+                let connector = Connector {
+                    org: c.org.clone(),
+                    name: c.name.clone(),
+                    auth_kind: c.auth.kind(),
+                    resource_domain: c.resource_domain.clone(),
+                    credentials: credentials(c, config, upstream)?,
                 };
-                (org.name.clone(), org)
-            })
-            .collect();
-        Self { orgs }
+                connectors.insert(c.name.clone(), Arc::new(connector));
+            }
+            let inbound_token = org.inbound_token.clone();
+            orgs.insert(
+                org.name.clone(),
+                Org {
+                    name: org.name.clone(),
+                    inbound_token,
+                    connectors,
+                },
+            );
+        }
+        Ok(Self { orgs })
     }
 
     pub fn org(&self, name: &str) -> Option<&Org> {
@@ -78,4 +103,55 @@ impl Org {
     pub fn connector(&self, name: &str) -> Option<&Arc<Connector>> {
         self.connectors.get(name)
     }
+}
+
+fn credentials(
+    c: &ConnectorConfig,
+    config: &Config,
+    upstream: &Upstream,
+) -> Result<Credentials, RegistryError> {
+    let client = match &c.auth {
+        AuthConfig::Basic { username, password } => {
+            return Ok(Credentials::Basic(basic_header(
+                username,
+                password.expose(),
+            )));
+        }
+        AuthConfig::OAuth2(client) => client,
+    };
+    let (token_upstream, signer) = match &client.client_auth {
+        ClientAuth::TlsClientAuth(identity) => {
+            let tls = forward::tls_config(&config.upstream, Some(identity)).map_err(|source| {
+                RegistryError::ClientTls {
+                    org: c.org.clone(),
+                    connector: c.name.clone(),
+                    source,
+                }
+            })?;
+            (Upstream::new(&config.upstream, tls), None)
+        }
+        ClientAuth::PrivateKeyJwt { identity, alg } => {
+            let signer = AssertionSigner::new(identity, *alg).map_err(|source| {
+                RegistryError::Assertion {
+                    org: c.org.clone(),
+                    connector: c.name.clone(),
+                    source,
+                }
+            })?;
+            (upstream.clone(), Some(signer))
+        }
+        ClientAuth::SecretBasic(_) | ClientAuth::SecretPost(_) => (upstream.clone(), None),
+    };
+    let endpoint = TokenEndpoint::new(
+        (**client).clone(),
+        token_upstream,
+        signer,
+        config.oauth.token_timeout,
+    );
+    Ok(Credentials::OAuth(TokenSource::new(
+        &c.org,
+        &c.name,
+        endpoint,
+        config.oauth.clone(),
+    )))
 }

@@ -29,6 +29,8 @@ pub enum ServerError {
     },
     #[error("cannot build the upstream TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 /// The proxy, bound and ready to serve.
@@ -42,8 +44,13 @@ impl Server {
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
         let tls = forward::tls_config(&config.upstream, None)?;
         let upstream = Upstream::new(&config.upstream, tls);
-        let registry = Arc::new(Registry::new(config));
-        let proxy = Arc::new(Proxy::new(registry, upstream, &config.server));
+        let registry = Arc::new(Registry::new(config, &upstream)?);
+        let proxy = Arc::new(Proxy::new(
+            registry,
+            upstream,
+            &config.server,
+            config.upstream.max_replay_body,
+        ));
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
             .await

@@ -107,7 +107,10 @@ password = "pw-5ecret-4"
 "#;
     let config =
         connector_proxy::config::Config::parse(text, std::path::Path::new("proxy.toml")).unwrap();
-    let registry = connector_proxy::registry::Registry::new(&config);
+    common::install_provider();
+    let tls = connector_proxy::forward::tls_config(&config.upstream, None).unwrap();
+    let upstream = connector_proxy::forward::Upstream::new(&config.upstream, tls);
+    let registry = connector_proxy::registry::Registry::new(&config, &upstream).unwrap();
     let shown = format!("{config:?}\n{config:#?}\n{registry:?}");
     assert!(
         shown.contains("crm.example.com"),

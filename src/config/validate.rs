@@ -463,6 +463,40 @@ impl Validator<'_> {
         .filter(|i| !i.cert_chain.is_empty())
     }
 
+    /// The JWS algorithm for `private_key_jwt`: the configured one if the key can sign with it,
+    /// else the key's natural one.
+    fn assertion_alg(
+        &mut self,
+        identity: &ClientIdentity,
+        wanted: Option<AssertionAlg>,
+        place: &str,
+    ) -> Option<AssertionAlg> {
+        let key = match rustls::crypto::ring::sign::any_supported_type(&identity.key) {
+            Ok(key) => key,
+            Err(_) => {
+                self.problem(
+                    self.here.clone(),
+                    place,
+                    "private_key is not an RSA or ECDSA key that can sign client assertions",
+                );
+                return None;
+            }
+        };
+        let natural = match key.algorithm() {
+            rustls::SignatureAlgorithm::RSA => AssertionAlg::RS256,
+            _ => AssertionAlg::ES256,
+        };
+        let alg = wanted.unwrap_or(natural);
+        if key.choose_scheme(&[alg.scheme()]).is_none() {
+            self.problem(self.here.clone(), place, format!(
+                "client_assertion_alg {} does not fit private_key; RS256 and PS256 need an RSA key, ES256 a P-256 key",
+                alg.name()
+            ));
+            return None;
+        }
+        Some(alg)
+    }
+
     /// Reports each key that the chosen kind does not use.
     fn unused(&mut self, place: &str, context: &str, fields: &[(&str, bool)]) {
         for (field, present) in fields {
@@ -707,9 +741,10 @@ impl Validator<'_> {
                     "client_auth = \"private_key_jwt\"",
                     &[("client_secret", c.client_secret.is_some())],
                 );
-                let alg = c.client_assertion_alg.as_ref().map(|a| *a.get_ref());
-                self.identity(c, place, "private_key_jwt")
-                    .map(|identity| ClientAuth::PrivateKeyJwt { identity, alg })
+                let wanted = c.client_assertion_alg.as_ref().map(|a| *a.get_ref());
+                let identity = self.identity(c, place, "private_key_jwt")?;
+                let alg = self.assertion_alg(&identity, wanted, place)?;
+                Some(ClientAuth::PrivateKeyJwt { identity, alg })
             }
             ClientAuthKind::TlsClientAuth => {
                 self.unused(

@@ -1,0 +1,300 @@
+//! The token cell of one OAuth connector: one cached token, fetched on first use, refreshed
+//! ahead of expiry, never sent past its deadline.
+//!
+//! - Single flight: fetches run under one async mutex; a caller that waited on it looks again
+//!   before fetching, so 1,000 simultaneous first requests make one token request.
+//! - Refresh ahead: after each fetch a timer waits until the refresh margin
+//!   (`min(refresh_before_expiry, 20% of lifetime)` before expiry) and refreshes in the
+//!   background if the token was used meanwhile; callers keep the current token, so in steady
+//!   state nobody waits. An unused token is left to lapse rather than kept fresh forever.
+//! - Deadline: a token is never handed out within `min(5s, 10% of lifetime)` of its expiry.
+//! - Failures: capped exponential backoff with jitter; during it, callers without a usable token
+//!   get the last error at once instead of piling onto the token endpoint.
+//!
+//! A per-connector cell rather than a moka cache: the set of connectors is fixed by the
+//! configuration (at most ten per org), so there is nothing to evict, and refresh-ahead,
+//! deadlines and backoff are state a general cache does not keep.
+
+pub mod assertion;
+pub mod token_client;
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use super::CredentialError;
+use crate::config::OAuthSettings;
+use crate::secret::Secret;
+use token_client::{GrantRequest, Issued, TokenEndpoint, TokenError};
+
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+pub struct TokenSource {
+    org: String,
+    connector: String,
+    endpoint: TokenEndpoint,
+    settings: OAuthSettings,
+    state: Mutex<State>,
+    fetch: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    token: Option<Token>,
+    refresh_token: Option<Secret>,
+    /// Handed to a caller since the last fetch: only a used token is refreshed ahead.
+    used: bool,
+    failures: u32,
+    /// No fetch for callers before this; they get `last_error` instead.
+    retry_at: Option<Instant>,
+    last_error: Option<TokenError>,
+}
+
+struct Token {
+    header: HeaderValue,
+    expires: Instant,
+    refresh_at: Instant,
+    send_until: Instant,
+}
+
+/// What `/status` and metrics may show of a token cell; nothing secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenStatus {
+    pub valid_for: Option<Duration>,
+    pub last_error: Option<String>,
+}
+
+impl TokenSource {
+    pub fn new(
+        org: &str,
+        connector: &str,
+        endpoint: TokenEndpoint,
+        settings: OAuthSettings,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            org: org.to_owned(),
+            connector: connector.to_owned(),
+            endpoint,
+            settings,
+            state: Mutex::new(State::default()),
+            fetch: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain data behind; carry on with it.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The `Authorization` value to send now, fetching a token first when there is none.
+    pub async fn authorization(self: &Arc<Self>) -> Result<HeaderValue, CredentialError> {
+        if let Some(value) = self.usable() {
+            return Ok(value);
+        }
+        self.fail_fast()?;
+        let _flight = self.fetch.lock().await;
+        // Whoever held the lock before us may have fetched, or failed.
+        if let Some(value) = self.usable() {
+            return Ok(value);
+        }
+        self.fail_fast()?;
+        self.fetch_locked().await
+    }
+
+    /// Drops the token if it is still `rejected` (an upstream answered 401 to it), so that the
+    /// next caller fetches a new one. A token already replaced is left alone.
+    pub fn invalidate(&self, rejected: &HeaderValue) {
+        let mut state = self.state();
+        if state.token.as_ref().is_some_and(|t| t.header == *rejected) {
+            state.token = None;
+        }
+    }
+
+    pub fn status(&self) -> TokenStatus {
+        let state = self.state();
+        let now = Instant::now();
+        TokenStatus {
+            valid_for: state
+                .token
+                .as_ref()
+                .filter(|t| t.expires > now)
+                .map(|t| t.expires - now),
+            last_error: state.last_error.as_ref().map(ToString::to_string),
+        }
+    }
+
+    fn usable(&self) -> Option<HeaderValue> {
+        let mut state = self.state();
+        let token = state
+            .token
+            .as_ref()
+            .filter(|t| Instant::now() < t.send_until)?;
+        let header = token.header.clone();
+        state.used = true;
+        Some(header)
+    }
+
+    fn fail_fast(&self) -> Result<(), CredentialError> {
+        let state = self.state();
+        match (&state.retry_at, &state.last_error) {
+            (Some(at), Some(error)) if Instant::now() < *at => Err(to_credential_error(error)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Fetches under the flight lock, records the outcome and returns the new header.
+    async fn fetch_locked(self: &Arc<Self>) -> Result<HeaderValue, CredentialError> {
+        let started = Instant::now();
+        let refresh_token = self.state().refresh_token.clone();
+        let mut result = match &refresh_token {
+            Some(token) => self.endpoint.request(GrantRequest::Refresh(token)).await,
+            None => self.endpoint.request(GrantRequest::Configured).await,
+        };
+        if refresh_token.is_some() && matches!(result, Err(TokenError::OAuth { .. })) {
+            // A refused refresh token (expired, revoked): fall back to the configured grant.
+            self.state().refresh_token = None;
+            result = self.endpoint.request(GrantRequest::Configured).await;
+        }
+        match result {
+            Ok(issued) => Ok(self.install(issued, started)),
+            Err(error) => {
+                let mut state = self.state();
+                state.failures += 1;
+                state.retry_at = Some(Instant::now() + backoff(state.failures));
+                let reported = to_credential_error(&error);
+                tracing::warn!(
+                    org = %self.org,
+                    connector = %self.connector,
+                    error = %error,
+                    failures = state.failures,
+                    "token request failed"
+                );
+                state.last_error = Some(error);
+                Err(reported)
+            }
+        }
+    }
+
+    fn install(self: &Arc<Self>, issued: Issued, requested_at: Instant) -> HeaderValue {
+        let lifetime = issued
+            .expires_in
+            .unwrap_or(self.settings.default_expires_in);
+        let margin = self
+            .settings
+            .refresh_before_expiry
+            .min(lifetime.mul_f64(0.2));
+        let guard = Duration::from_secs(5).min(lifetime.mul_f64(0.1));
+        // Lifetimes count from when the request left, not when the answer came.
+        let expires = requested_at + lifetime;
+        let mut header = HeaderValue::try_from(format!("Bearer {}", issued.access_token.expose()))
+            .expect("token_client checked the token is a valid header value");
+        header.set_sensitive(true);
+        let token = Token {
+            header: header.clone(),
+            expires,
+            refresh_at: expires - margin,
+            send_until: expires - guard,
+        };
+        let refresh_at = token.refresh_at;
+        let mut state = self.state();
+        state.token = Some(token);
+        if issued.refresh_token.is_some() {
+            state.refresh_token = issued.refresh_token;
+        }
+        state.used = false;
+        state.failures = 0;
+        state.retry_at = None;
+        state.last_error = None;
+        drop(state);
+        self.schedule_refresh(refresh_at);
+        header
+    }
+
+    fn schedule_refresh(self: &Arc<Self>, at: Instant) {
+        let cell: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            // A connector removed by a reload takes its timer with it.
+            if let Some(cell) = cell.upgrade() {
+                cell.refresh_ahead().await;
+            }
+        });
+    }
+
+    /// Runs at the refresh margin. Retries with backoff while the current token can still be
+    /// sent; after that, callers fetch (or fail fast) themselves.
+    async fn refresh_ahead(self: Arc<Self>) {
+        loop {
+            {
+                let state = self.state();
+                let Some(token) = &state.token else { return };
+                if !state.used || Instant::now() >= token.send_until {
+                    return;
+                }
+            }
+            let flight = self.fetch.lock().await;
+            if self
+                .state()
+                .token
+                .as_ref()
+                .is_some_and(|t| Instant::now() < t.refresh_at)
+            {
+                return; // someone else already refreshed (a 401 invalidation, say)
+            }
+            if self.fetch_locked().await.is_ok() {
+                return;
+            }
+            let wait = self
+                .state()
+                .retry_at
+                .map_or(BACKOFF_BASE, |at| at - Instant::now());
+            drop(flight);
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn to_credential_error(error: &TokenError) -> CredentialError {
+    match error {
+        TokenError::Timeout(limit) => CredentialError::Timeout(*limit),
+        other => CredentialError::Unavailable {
+            message: other.to_string(),
+            oauth_error: other.oauth_error().map(str::to_owned),
+        },
+    }
+}
+
+/// `BACKOFF_BASE * 2^(failures-1)`, capped, then scaled by a random factor in [0.5, 1).
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_BASE
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(BACKOFF_CAP);
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let noise = RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed));
+    let factor = 0.5 + (noise % 1000) as f64 / 2000.0;
+    exp.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for failures in 1..40 {
+            let exp = BACKOFF_BASE
+                .saturating_mul(1 << (failures - 1).min(16))
+                .min(BACKOFF_CAP);
+            let b = backoff(failures);
+            assert!(b >= exp / 2 && b < exp, "{failures}: {b:?} vs {exp:?}");
+        }
+        assert!(backoff(30) <= BACKOFF_CAP);
+    }
+}
