@@ -2,6 +2,8 @@
 //! built proxy binary run on a temporary configuration. Everything binds 127.0.0.1:0.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod token;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -32,6 +34,7 @@ pub struct Pki {
 pub struct Leaf {
     pub cert_pem: String,
     pub key_pem: String,
+    pub cert_der: rustls_pki_types::CertificateDer<'static>,
 }
 
 impl Pki {
@@ -50,15 +53,14 @@ impl Pki {
     }
 
     pub fn leaf(&self, names: &[&str]) -> Leaf {
-        let params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
+        self.leaf_with(names, KeyPair::generate().unwrap())
+    }
+
+    /// A leaf for `key` (for client certificates of a given key type).
+    pub fn leaf_with(&self, names: &[&str], key: KeyPair) -> Leaf {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = CertificateParams::new(names).unwrap().signed_by(&key, &self.issuer).unwrap();
+        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), cert_der: cert.der().clone() }
     }
 }
 
@@ -79,6 +81,8 @@ pub struct Seen {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// `Authorization` values answered 401 (a token the API no longer accepts).
+    pub reject: Arc<Mutex<std::collections::HashSet<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -106,6 +110,8 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen_in = seen.clone();
+        let reject = Arc::new(Mutex::new(std::collections::HashSet::new()));
+        let reject_in = reject.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -113,18 +119,19 @@ impl Upstream {
                 };
                 let acceptor = acceptor.clone();
                 let seen = seen_in.clone();
+                let reject = reject_in.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let service = service_fn(move |req| answer(req, seen.clone()));
+                    let service = service_fn(move |req| answer(req, seen.clone(), reject.clone()));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), service)
                         .await;
                 });
             }
         });
-        Self { addr, seen, task }
+        Self { addr, seen, reject, task }
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -137,6 +144,7 @@ type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 async fn answer(
     req: Request<Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    reject: Arc<Mutex<std::collections::HashSet<String>>>,
 ) -> Result<Response<TestBody>, Infallible> {
     let (parts, mut body) = req.into_parts();
     let mut body_len = 0u64;
@@ -175,7 +183,10 @@ async fn answer(
         *r.status_mut() = StatusCode::from_u16(status).unwrap();
         r
     };
-    let response = if let Some(ms) = path.strip_prefix("/slow/") {
+    let authorization = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let response = if reject.lock().unwrap().contains(authorization) {
+        full(401, "token rejected".into())
+    } else if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
         full(200, "slow".into())
     } else if path == "/redirect" {
