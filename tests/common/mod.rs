@@ -59,8 +59,15 @@ impl Pki {
     /// A leaf for `key` (for client certificates of a given key type).
     pub fn leaf_with(&self, names: &[&str], key: KeyPair) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let cert = CertificateParams::new(names).unwrap().signed_by(&key, &self.issuer).unwrap();
-        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), cert_der: cert.der().clone() }
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().clone(),
+        }
     }
 }
 
@@ -74,6 +81,7 @@ pub struct Seen {
     pub version: Version,
     pub headers: HeaderMap,
     pub body_len: u64,
+    pub at: std::time::Instant,
 }
 
 /// A TLS upstream on 127.0.0.1. Paths (optionally under `/api`): `/slow/<ms>`, `/redirect`, `/download/<bytes>`,
@@ -131,7 +139,12 @@ impl Upstream {
                 });
             }
         });
-        Self { addr, seen, reject, task }
+        Self {
+            addr,
+            seen,
+            reject,
+            task,
+        }
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -171,6 +184,7 @@ async fn answer(
         version: parts.version,
         headers: parts.headers.clone(),
         body_len,
+        at: std::time::Instant::now(),
     });
     // Connectors in the tests often have an `/api` base path; route on what lies below it.
     let path = parts
@@ -183,7 +197,11 @@ async fn answer(
         *r.status_mut() = StatusCode::from_u16(status).unwrap();
         r
     };
-    let authorization = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let authorization = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let response = if reject.lock().unwrap().contains(authorization) {
         full(401, "token rejected".into())
     } else if let Some(ms) = path.strip_prefix("/slow/") {

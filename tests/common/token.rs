@@ -97,7 +97,9 @@ impl TokenServer {
     pub async fn start(pki: &Pki) -> Self {
         install_provider();
         let leaf: Leaf = pki.leaf(&[TOKEN_HOST]);
-        let certs = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let certs = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
         use rustls_pki_types::pem::PemObject;
         let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
         let mut roots = rustls::RootCertStore::empty();
@@ -134,25 +136,45 @@ impl TokenServer {
         let audience = token_url.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
                 let acceptor = acceptor.clone();
                 let state = shared.clone();
                 let audience = audience.clone();
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
-                    let service = service_fn(move |req| answer(req, state.clone(), peer.clone(), audience.clone()));
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let peer = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.clone().into_owned());
+                    let service = service_fn(move |req| {
+                        answer(req, state.clone(), peer.clone(), audience.clone())
+                    });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), service)
                         .await;
                 });
             }
         });
-        Self { addr, state, token_url, task }
+        Self {
+            addr,
+            state,
+            token_url,
+            task,
+        }
     }
 
     pub fn register(&self, client_id: &str, method: Method) {
-        self.state.lock().unwrap().clients.insert(client_id.to_owned(), method);
+        self.state
+            .lock()
+            .unwrap()
+            .clients
+            .insert(client_id.to_owned(), method);
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -169,7 +191,11 @@ impl TokenServer {
 
     /// Tokens issued to `client_id`, in order.
     pub fn issued_to(&self, client_id: &str) -> Vec<String> {
-        self.log().into_iter().filter(|l| l.client_id == client_id).filter_map(|l| l.issued).collect()
+        self.log()
+            .into_iter()
+            .filter(|l| l.client_id == client_id)
+            .filter_map(|l| l.issued)
+            .collect()
     }
 }
 
@@ -178,12 +204,16 @@ type Answer = Response<Full<Bytes>>;
 fn json(status: u16, body: serde_json::Value) -> Answer {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = StatusCode::from_u16(status).unwrap();
-    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     r
 }
 
 fn refuse(status: u16, error: &str, description: &str) -> Answer {
-    json(status, serde_json::json!({ "error": error, "error_description": description }))
+    json(
+        status,
+        serde_json::json!({ "error": error, "error_description": description }),
+    )
 }
 
 async fn answer(
@@ -193,11 +223,19 @@ async fn answer(
     audience: String,
 ) -> Result<Answer, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let (mode, delay, gate) = {
         let s = state.lock().unwrap();
-        (s.mode.clone(), s.delay, if s.issued > 0 { s.gate.clone() } else { None })
+        (
+            s.mode.clone(),
+            s.delay,
+            if s.issued > 0 { s.gate.clone() } else { None },
+        )
     };
     if let Some(gate) = gate {
         state.lock().unwrap().waiting_at_gate += 1;
@@ -222,13 +260,18 @@ async fn answer(
             *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
             r
         }
-        Mode::Html => Response::new(Full::new(Bytes::from_static(b"<html><body>Sign in</body></html>"))),
-        Mode::Garbage => json(200, serde_json::json!("x")).map(|_| Full::new(Bytes::from_static(b"{\"access_tok"))),
+        Mode::Html => Response::new(Full::new(Bytes::from_static(
+            b"<html><body>Sign in</body></html>",
+        ))),
+        Mode::Garbage => json(200, serde_json::json!("x"))
+            .map(|_| Full::new(Bytes::from_static(b"{\"access_tok"))),
         Mode::OAuthError(code) => refuse(400, &code, "told to refuse"),
         Mode::Normal => decide(&parts, &form, peer.as_ref(), &audience, &state, &mut logged),
     };
     if response.status() != StatusCode::OK {
-        logged.refused.get_or_insert_with(|| format!("status {}", response.status()));
+        logged
+            .refused
+            .get_or_insert_with(|| format!("status {}", response.status()));
     }
     state.lock().unwrap().log.push(logged);
     Ok(response)
@@ -255,10 +298,18 @@ fn decide(
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|pair| {
             let (id, secret) = pair.split_once(':')?;
-            let decode = |s: &str| url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+            };
             Some((decode(id)?, decode(secret)?))
         });
-    let client_id = basic.as_ref().map(|(id, _)| id.clone()).or_else(|| form.get("client_id").cloned()).unwrap_or_default();
+    let client_id = basic
+        .as_ref()
+        .map(|(id, _)| id.clone())
+        .or_else(|| form.get("client_id").cloned())
+        .unwrap_or_default();
     logged.client_id = client_id.clone();
     let mut s = state.lock().unwrap();
     let Some(method) = s.clients.get(&client_id).cloned() else {
@@ -267,18 +318,25 @@ fn decide(
     };
     let authenticated = match &method {
         Method::SecretBasic(secret) => {
-            basic.as_ref().is_some_and(|(_, s)| s == secret) && !form.contains_key("client_secret") && !form.contains_key("client_assertion")
+            basic.as_ref().is_some_and(|(_, s)| s == secret)
+                && !form.contains_key("client_secret")
+                && !form.contains_key("client_assertion")
         }
         Method::SecretPost(secret) => basic.is_none() && form.get("client_secret") == Some(secret),
         Method::Jwt(cert) => {
             basic.is_none()
-                && form.get("client_assertion_type").map(String::as_str) == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
-                && form.get("client_assertion").is_some_and(|jwt| match verify_assertion(jwt, cert, &client_id, audience) {
-                    Ok(jti) => s.seen_jti.insert(jti),
-                    Err(_) => false,
+                && form.get("client_assertion_type").map(String::as_str)
+                    == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+                && form.get("client_assertion").is_some_and(|jwt| {
+                    match verify_assertion(jwt, cert, &client_id, audience) {
+                        Ok(jti) => s.seen_jti.insert(jti),
+                        Err(_) => false,
+                    }
                 })
         }
-        Method::Tls(cert) => basic.is_none() && !form.contains_key("client_secret") && peer == Some(cert),
+        Method::Tls(cert) => {
+            basic.is_none() && !form.contains_key("client_secret") && peer == Some(cert)
+        }
     };
     if !authenticated {
         logged.refused = Some("invalid_client".into());
@@ -324,35 +382,67 @@ fn decide(
 }
 
 /// Checks an RFC 7523 assertion; returns its `jti`.
-fn verify_assertion(jwt: &str, cert: &CertificateDer<'static>, client_id: &str, audience: &str) -> Result<String, String> {
+fn verify_assertion(
+    jwt: &str,
+    cert: &CertificateDer<'static>,
+    client_id: &str,
+    audience: &str,
+) -> Result<String, String> {
     let mut parts = jwt.split('.');
-    let (Some(h), Some(c), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(h), Some(c), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err("not three parts".into());
     };
     let decode = |p: &str| B64URL.decode(p).map_err(|e| e.to_string());
-    let header: serde_json::Value = serde_json::from_slice(&decode(h)?).map_err(|e| e.to_string())?;
-    let claims: serde_json::Value = serde_json::from_slice(&decode(c)?).map_err(|e| e.to_string())?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&decode(h)?).map_err(|e| e.to_string())?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&decode(c)?).map_err(|e| e.to_string())?;
     let signature = decode(sig)?;
     let thumbprint = B64URL.encode(ring::digest::digest(&ring::digest::SHA256, cert.as_ref()));
     if header["x5t#S256"] != thumbprint.as_str() || header["typ"] != "JWT" {
         return Err("wrong x5t#S256".into());
     }
-    let sha1 = B64URL.encode(ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, cert.as_ref()));
+    let sha1 = B64URL.encode(ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        cert.as_ref(),
+    ));
     if header["x5t"] != sha1.as_str() {
         return Err("wrong x5t".into());
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let exp = claims["exp"].as_u64().ok_or("no exp")?;
-    if claims["iss"] != client_id || claims["sub"] != client_id || claims["aud"] != audience || exp < now || exp > now + 300 {
+    if claims["iss"] != client_id
+        || claims["sub"] != client_id
+        || claims["aud"] != audience
+        || exp < now
+        || exp > now + 300
+    {
         return Err(format!("bad claims {claims}"));
     }
     let jti = claims["jti"].as_str().ok_or("no jti")?.to_owned();
     let end_entity = webpki::EndEntityCert::try_from(cert).map_err(|e| e.to_string())?;
     let input = format!("{h}.{c}");
     let verified = match header["alg"].as_str() {
-        Some("RS256") => end_entity.verify_signature(webpki::ring::RSA_PKCS1_2048_8192_SHA256, input.as_bytes(), &signature),
-        Some("PS256") => end_entity.verify_signature(webpki::ring::RSA_PSS_2048_8192_SHA256_LEGACY_KEY, input.as_bytes(), &signature),
-        Some("ES256") => end_entity.verify_signature(webpki::ring::ECDSA_P256_SHA256, input.as_bytes(), &fixed_to_der(&signature)),
+        Some("RS256") => end_entity.verify_signature(
+            webpki::ring::RSA_PKCS1_2048_8192_SHA256,
+            input.as_bytes(),
+            &signature,
+        ),
+        Some("PS256") => end_entity.verify_signature(
+            webpki::ring::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+            input.as_bytes(),
+            &signature,
+        ),
+        Some("ES256") => end_entity.verify_signature(
+            webpki::ring::ECDSA_P256_SHA256,
+            input.as_bytes(),
+            &fixed_to_der(&signature),
+        ),
         other => return Err(format!("alg {other:?}")),
     };
     verified.map_err(|e| format!("signature: {e}"))?;
