@@ -39,7 +39,11 @@ impl World {
         connectors: &str,
         files: &[(&str, &str)],
     ) -> Proxy {
-        let config = format!(
+        self.start_config(&self.config(oauth, upstream, pins, connectors), files)
+    }
+
+    fn config(&self, oauth: &str, upstream: &str, pins: &str, connectors: &str) -> String {
+        format!(
             r#"
 [server]
 listen = "127.0.0.1:0"
@@ -63,11 +67,14 @@ token_timeout = "1s"
 "#,
             crm = self.crm.addr,
             token = self.token.addr,
-        );
+        )
+    }
+
+    fn start_config(&self, config: &str, files: &[(&str, &str)]) -> Proxy {
         let ca = self.pki.ca_pem();
         let mut all = vec![("ca.pem", ca.as_str())];
         all.extend_from_slice(files);
-        Proxy::start(&config, &all, &[])
+        Proxy::start(config, &all, &[])
     }
 
     /// The `Authorization` of the upstream's last request.
@@ -578,4 +585,43 @@ async fn password_grant_uses_its_refresh_token_and_falls_back_to_the_password() 
         ]
     );
     assert_no_token_in_logs(&proxy);
+}
+
+#[tokio::test]
+async fn token_endpoints_obey_the_address_policy() {
+    let world = World::new().await;
+    world
+        .token
+        .register("inside", Method::SecretPost("post-secret".into()));
+    let config = world
+        .config(
+            "",
+            "",
+            "",
+            &connector(
+                "inside",
+                "inside",
+                "client_auth = \"client_secret_post\"\nclient_secret = \"post-secret\"",
+            ),
+        )
+        .replace("allow_networks = [\"127.0.0.0/8\"]", "allow_networks = []");
+    let proxy = world.start_config(&config, &[]);
+    let answer = get(proxy.addr, "/x", &[("x-connector-name", "inside")]).await;
+    assert_eq!(
+        answer.proxy_error().as_deref(),
+        Some("token_unavailable"),
+        "{answer:?}"
+    );
+    assert!(
+        answer.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("allow_networks"),
+        "{answer:?}"
+    );
+    assert_eq!(
+        world.token.requests(),
+        0,
+        "nothing reached the token endpoint"
+    );
 }
