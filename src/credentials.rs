@@ -11,7 +11,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use http::HeaderValue;
 
-use oauth::TokenSource;
+use oauth::{Lookup, TokenSource};
 
 /// Why no credential could be had (502 `token_unavailable` / 504 `token_timeout`).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -33,11 +33,12 @@ pub enum Credentials {
 }
 
 impl Credentials {
-    /// The `Authorization` value to send, marked sensitive so hyper's HPACK never indexes it.
-    pub async fn authorization(&self) -> Result<HeaderValue, CredentialError> {
+    /// The `Authorization` value to send, marked sensitive so hyper's HPACK never indexes it,
+    /// and for tokens how it was had.
+    pub async fn authorization(&self) -> Result<(HeaderValue, Option<Lookup>), CredentialError> {
         match self {
-            Self::Basic(value) => Ok(value.clone()),
-            Self::OAuth(source) => source.authorization().await,
+            Self::Basic(value) => Ok((value.clone(), None)),
+            Self::OAuth(source) => source.authorization().await.map(|(v, l)| (v, Some(l))),
         }
     }
 

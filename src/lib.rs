@@ -1,13 +1,17 @@
 //! connector-proxy: an authenticating HTTP egress proxy.
 //!
-//! Imports run one way: `server` -> `proxy` -> `registry`, `target`, `credentials`, `forward`;
-//! `registry` -> `config`, `credentials`; `target` is pure.
+//! Imports run one way: `server` -> `app`, `admin`; `app` -> `proxy`, `registry`; `proxy` ->
+//! `registry`, `target`, `credentials`, `forward`; `registry` -> `config`, `credentials`;
+//! `target` is pure.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
 pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod forward;
+pub mod metrics;
 pub mod proxy;
 pub mod registry;
 pub mod secret;

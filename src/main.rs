@@ -127,10 +127,12 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
             }
         };
         let addr = server.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let admin = server.admin_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(file = %path.display(), orgs = config.orgs.len(), connectors = config.connector_count(), "configuration loaded");
         for c in config.orgs.values().flat_map(|o| o.connectors.values()) {
             tracing::info!(org = %c.org, connector = %c.name, auth = c.auth.kind(), resource_domain = %c.resource_domain, "connector");
         }
+        tracing::info!(addr = %admin, "admin listening");
         tracing::info!(addr = %addr, "proxy listening");
         server.run(server::shutdown_signal()).await;
         ExitCode::SUCCESS

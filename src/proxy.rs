@@ -1,6 +1,6 @@
 //! The request path: one handler calling plain async steps in order: admit -> connector and org
 //! -> inbound authentication -> target rule -> credentials -> forward. Every request ends in one
-//! canonical log line.
+//! canonical log line and in the request metrics.
 
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
@@ -9,82 +9,113 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus_client::metrics::gauge::Gauge;
 use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::ServerSettings;
+use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::error::{self, ProxyError};
 use crate::forward::{Upstream, UpstreamBody};
+use crate::metrics::{Metrics, RequestLabels, connector_labels};
 use crate::registry::{Org, Registry};
 use crate::secret::Secret;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-pub struct Proxy {
-    registry: Arc<Registry>,
-    upstream: Upstream,
+/// Everything a request needs that a reload may replace. Swapped whole; a request keeps the
+/// `Routes` it started with until it ends.
+pub struct Routes {
+    pub registry: Registry,
+    pub upstream: Upstream,
     connector_header: HeaderName,
     org_header: HeaderName,
-    limit: Arc<Semaphore>,
     max_replay_body: usize,
 }
 
-/// What the request named, for the error body and the log line.
-#[derive(Default)]
-struct Named {
-    org: Option<String>,
-    connector: Option<String>,
-    host: Option<String>,
+pub struct Proxy {
+    routes: ArcSwap<Routes>,
+    limit: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
-impl Proxy {
-    pub fn new(
-        registry: Arc<Registry>,
-        upstream: Upstream,
-        server: &ServerSettings,
-        max_replay_body: usize,
-    ) -> Self {
+/// What the request named and what became of it, for the error body, the log line and metrics.
+#[derive(Default)]
+struct Trace {
+    /// As the request named them (the error body shows these).
+    org: Option<String>,
+    connector: Option<String>,
+    /// Set once the connector is found: metric labels come only from configured names, so a
+    /// caller cannot mint label values.
+    known: bool,
+    host: Option<String>,
+    token: Option<&'static str>,
+    upstream_ms: Option<f64>,
+}
+
+impl Routes {
+    pub fn new(registry: Registry, upstream: Upstream, config: &Config) -> Self {
         Self {
             registry,
             upstream,
-            connector_header: server.connector_header.clone(),
-            org_header: server.org_header.clone(),
-            limit: Arc::new(Semaphore::new(server.max_concurrent_requests)),
-            max_replay_body,
+            connector_header: config.server.connector_header.clone(),
+            org_header: config.server.org_header.clone(),
+            max_replay_body: config.upstream.max_replay_body,
         }
+    }
+}
+
+impl Proxy {
+    pub fn new(routes: Routes, max_concurrent_requests: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            routes: ArcSwap::from_pointee(routes),
+            limit: Arc::new(Semaphore::new(max_concurrent_requests)),
+            metrics,
+        }
+    }
+
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.load_full()
+    }
+
+    /// Serves new requests from `routes`; requests in flight finish on the old ones.
+    pub fn swap(&self, routes: Routes) {
+        self.routes.store(Arc::new(routes));
     }
 
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
+        let inflight = InflightGuard::new(&self.metrics.inflight);
         let request_id = request_id(request.headers());
         let method = request.method().clone();
-        let mut named = Named::default();
+        let routes = self.routes.load_full();
+        let mut trace = Trace::default();
         // The permit travels with the response body, so a long download counts until it ends.
         let permit = self.limit.clone().try_acquire_owned().ok();
         let result = match permit {
             None => Err(ProxyError::Overloaded),
-            Some(_) => self.forward(request, &request_id, &mut named).await,
+            Some(_) => routes.forward(request, &request_id, &mut trace).await,
         };
         let (mut response, code) = match result {
             Ok(response) => (
-                response.map(|b| ResponseBody::new(Either::Left(b), permit)),
+                response.map(|b| ResponseBody::new(Either::Left(b), permit, inflight)),
                 None,
             ),
             Err(e) => {
                 let response = error::response(
                     &e,
-                    named.org.as_deref(),
-                    named.connector.as_deref(),
+                    trace.org.as_deref(),
+                    trace.connector.as_deref(),
                     &request_id,
                 );
                 (
-                    response.map(|b| ResponseBody::new(Either::Right(b), None)),
+                    response.map(|b| ResponseBody::new(Either::Right(b), None, inflight)),
                     Some(e.code()),
                 )
             }
@@ -92,26 +123,47 @@ impl Proxy {
         if let Ok(value) = HeaderValue::try_from(request_id.as_str()) {
             response.headers_mut().insert(X_REQUEST_ID, value);
         }
+        let elapsed = started.elapsed();
+        let status = response.status().as_u16();
+        let (org, connector) = match (&trace.org, &trace.connector, trace.known) {
+            (Some(org), Some(connector), true) => (org.as_str(), connector.as_str()),
+            _ => ("", ""),
+        };
+        let code_label = code.map_or_else(|| status.to_string(), str::to_owned);
+        let labels = RequestLabels {
+            org: org.to_owned(),
+            connector: connector.to_owned(),
+            code: code_label,
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&connector_labels(org, connector))
+            .observe(elapsed.as_secs_f64());
         tracing::info!(
             target: "connector_proxy::access",
             request_id = %request_id,
-            org = named.org.as_deref().unwrap_or("-"),
-            connector = named.connector.as_deref().unwrap_or("-"),
+            org = trace.org.as_deref().unwrap_or("-"),
+            connector = trace.connector.as_deref().unwrap_or("-"),
             method = %method,
-            host = named.host.as_deref().unwrap_or("-"),
-            status = response.status().as_u16(),
+            host = trace.host.as_deref().unwrap_or("-"),
+            status,
             error = code.unwrap_or("-"),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            token = trace.token.unwrap_or("-"),
+            upstream_ms = trace.upstream_ms.unwrap_or(0.0),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
         response
     }
+}
 
+impl Routes {
     async fn forward(
         &self,
         request: Request<Incoming>,
         request_id: &str,
-        named: &mut Named,
+        trace: &mut Trace,
     ) -> Result<Response<Incoming>, ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
@@ -130,11 +182,11 @@ impl Proxy {
                 ));
             }
         };
-        named.connector = Some(connector_name.clone());
+        trace.connector = Some(connector_name.clone());
         let org = match single_header(headers, &self.org_header) {
             Header::One(id) => {
                 let org = self.registry.org(&id);
-                named.org = Some(id);
+                trace.org = Some(id);
                 org.ok_or(ProxyError::UnknownOrg)?
             }
             Header::Missing => {
@@ -142,7 +194,7 @@ impl Proxy {
                     .registry
                     .only_org()
                     .ok_or_else(|| ProxyError::MissingOrgHeader(self.org_header.to_string()))?;
-                named.org = Some(org.name.clone());
+                trace.org = Some(org.name.clone());
                 org
             }
             Header::Many => {
@@ -153,12 +205,14 @@ impl Proxy {
         let connector = org
             .connector(&connector_name)
             .ok_or(ProxyError::UnknownConnector)?;
+        trace.known = true;
         let target = connector
             .resource_domain
             .resolve(request.uri())
             .map_err(|e| ProxyError::target(e, &connector.resource_domain))?;
-        named.host = target.uri.host().map(str::to_owned);
-        let authorization = connector.credentials.authorization().await?;
+        trace.host = target.uri.host().map(str::to_owned);
+        let (authorization, lookup) = connector.credentials.authorization().await?;
+        trace.token = lookup.map(|l| l.as_str());
 
         let (mut parts, body) = request.into_parts();
         rewrite_request_headers(&mut parts.headers, &self.connector_header, &self.org_header);
@@ -172,6 +226,7 @@ impl Proxy {
             Credentials::OAuth(_) => self.keep_for_replay(&parts.headers, body).await?,
             Credentials::Basic(_) => Err(body),
         };
+        let upstream_started = Instant::now();
         let mut response = match kept {
             Err(body) => {
                 self.send(&parts, Either::Left(body), authorization.clone())
@@ -189,7 +244,8 @@ impl Proxy {
                     && connector.credentials.reject(&authorization)
                 {
                     drop(first);
-                    let renewed = connector.credentials.authorization().await?;
+                    let (renewed, _) = connector.credentials.authorization().await?;
+                    trace.token = Some("replayed");
                     self.send(&parts, Either::Right(Full::new(body)), renewed)
                         .await?
                 } else {
@@ -197,6 +253,7 @@ impl Proxy {
                 }
             }
         };
+        trace.upstream_ms = Some(upstream_started.elapsed().as_secs_f64() * 1000.0);
         if response.status() == StatusCode::UNAUTHORIZED {
             // Not replayed (body too large to keep): still drop the token for the next caller.
             connector.credentials.reject(&authorization);
@@ -244,6 +301,22 @@ impl Proxy {
             Ok(collected) => Ok(Ok(collected.to_bytes())),
             Err(e) => Err(ProxyError::BadRequestBody(e.to_string())),
         }
+    }
+}
+
+/// Counts a request in `connector_proxy_inflight_requests` until its response body is done.
+pub struct InflightGuard(Gauge);
+
+impl InflightGuard {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -358,17 +431,23 @@ fn splitmix64(mut x: u64) -> u64 {
 }
 
 /// The response body: the upstream's, streamed, or the proxy's own error. Holds the
-/// concurrency permit until the body is done.
+/// concurrency permit and the in-flight count until the body is done.
 pub struct ResponseBody {
     inner: Either<Incoming, Full<Bytes>>,
     _permit: Option<OwnedSemaphorePermit>,
+    _inflight: InflightGuard,
 }
 
 impl ResponseBody {
-    fn new(inner: Either<Incoming, Full<Bytes>>, permit: Option<OwnedSemaphorePermit>) -> Self {
+    fn new(
+        inner: Either<Incoming, Full<Bytes>>,
+        permit: Option<OwnedSemaphorePermit>,
+        inflight: InflightGuard,
+    ) -> Self {
         Self {
             inner,
             _permit: permit,
+            _inflight: inflight,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Orgs and their connectors as the request path sees them, built from a validated config.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use crate::config::{AuthConfig, ClientAuth, Config, ConnectorConfig};
 use crate::credentials::oauth::TokenSource;
@@ -9,6 +10,7 @@ use crate::credentials::oauth::assertion::{AssertionError, AssertionSigner};
 use crate::credentials::oauth::token_client::TokenEndpoint;
 use crate::credentials::{Credentials, basic_header};
 use crate::forward::{self, Upstream};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::target::ResourceDomain;
 
@@ -50,27 +52,77 @@ pub struct Org {
 pub struct Connector {
     pub org: String,
     pub name: String,
-    pub auth_kind: &'static str,
     pub resource_domain: ResourceDomain,
     pub credentials: Credentials,
+    /// What it was built from: a reload keeps a connector (and its token) whose
+    /// configuration is unchanged.
+    pub config: ConnectorConfig,
+    pub validation: Mutex<Validation>,
+}
+
+/// The last check of a Basic connector's `validation_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Validation {
+    /// No validation URL configured.
+    None,
+    Pending,
+    Ok {
+        at: SystemTime,
+    },
+    Failed {
+        at: SystemTime,
+        error: String,
+    },
+}
+
+impl Connector {
+    pub fn validation(&self) -> Validation {
+        self.validation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_validation(&self, validation: Validation) {
+        *self.validation.lock().unwrap_or_else(|p| p.into_inner()) = validation;
+    }
 }
 
 impl Registry {
     /// Builds every connector's credentials. Token requests go through `upstream`, or through
     /// a client of their own where the connector authenticates with a TLS client certificate.
-    pub fn new(config: &Config, upstream: &Upstream) -> Result<Self, RegistryError> {
+    /// Connectors of `previous` whose configuration is unchanged are kept as they are, cached
+    /// token included, when `previous` was built with the same upstream and OAuth settings.
+    pub fn new(
+        config: &Config,
+        upstream: &Upstream,
+        metrics: &Arc<Metrics>,
+        previous: Option<&Registry>,
+    ) -> Result<Self, RegistryError> {
         let mut orgs = HashMap::new();
         for org in config.orgs.values() {
             let mut connectors = HashMap::new();
             for c in org.connectors.values() {
-                let connector = Connector {
-                    org: c.org.clone(),
-                    name: c.name.clone(),
-                    auth_kind: c.auth.kind(),
-                    resource_domain: c.resource_domain.clone(),
-                    credentials: credentials(c, config, upstream)?,
+                let kept = previous
+                    .and_then(|p| p.org(&c.org))
+                    .and_then(|o| o.connector(&c.name))
+                    .filter(|old| old.config == *c);
+                let connector = match kept {
+                    Some(old) => old.clone(),
+                    None => Arc::new(Connector {
+                        org: c.org.clone(),
+                        name: c.name.clone(),
+                        resource_domain: c.resource_domain.clone(),
+                        credentials: credentials(c, config, upstream, metrics)?,
+                        config: c.clone(),
+                        validation: Mutex::new(if c.validation_url.is_some() {
+                            Validation::Pending
+                        } else {
+                            Validation::None
+                        }),
+                    }),
                 };
-                connectors.insert(c.name.clone(), Arc::new(connector));
+                connectors.insert(c.name.clone(), connector);
             }
             let inbound_token = org.inbound_token.clone();
             orgs.insert(
@@ -97,6 +149,21 @@ impl Registry {
             None
         }
     }
+
+    /// Every connector, ordered by org and name.
+    pub fn connectors(&self) -> Vec<&Arc<Connector>> {
+        let mut all: Vec<_> = self
+            .orgs
+            .values()
+            .flat_map(|o| o.connectors.values())
+            .collect();
+        all.sort_by(|a, b| (&a.org, &a.name).cmp(&(&b.org, &b.name)));
+        all
+    }
+
+    pub fn orgs(&self) -> impl Iterator<Item = &Org> {
+        self.orgs.values()
+    }
 }
 
 impl Org {
@@ -109,6 +176,7 @@ fn credentials(
     c: &ConnectorConfig,
     config: &Config,
     upstream: &Upstream,
+    metrics: &Arc<Metrics>,
 ) -> Result<Credentials, RegistryError> {
     let client = match &c.auth {
         AuthConfig::Basic { username, password } => {
@@ -153,5 +221,6 @@ fn credentials(
         &c.name,
         endpoint,
         config.oauth.clone(),
+        metrics.clone(),
     )))
 }

@@ -7,6 +7,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -14,10 +16,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::admin;
+use crate::app::{App, BuildError};
 use crate::config::{Config, ServerSettings};
-use crate::forward::{self, Upstream};
-use crate::proxy::Proxy;
-use crate::registry::Registry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -27,37 +28,33 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot build the upstream TLS configuration: {0}")]
-    Tls(#[from] rustls::Error),
     #[error(transparent)]
-    Registry(#[from] crate::registry::RegistryError),
+    Build(#[from] BuildError),
 }
 
-/// The proxy, bound and ready to serve.
+/// The proxy and admin listeners, bound and ready to serve.
 pub struct Server {
     listener: TcpListener,
-    proxy: Arc<Proxy>,
+    admin: TcpListener,
+    app: Arc<App>,
     settings: ServerSettings,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
 }
 
 impl Server {
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
-        let tls = forward::tls_config(&config.upstream, None)?;
-        let upstream = Upstream::new(&config.upstream, tls);
-        let registry = Arc::new(Registry::new(config, &upstream)?);
-        let proxy = Arc::new(Proxy::new(
-            registry,
-            upstream,
-            &config.server,
-            config.upstream.max_replay_body,
-        ));
-        let addr = config.server.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
+        let app = App::new(config)?;
+        let listener = bind(config.server.listen).await?;
+        let admin = bind(config.server.admin_listen).await?;
         Ok(Self {
             listener,
-            proxy,
+            admin,
+            app,
             settings: config.server.clone(),
         })
     }
@@ -66,8 +63,19 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` completes, then drains.
+    pub fn admin_addr(&self) -> io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Serves until `shutdown` completes: then both listeners close at once (new connections
+    /// are refused) and requests in flight get up to `server.shutdown_grace` to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let admin = tokio::spawn(serve_admin(self.admin, self.app.clone()));
+        let reloads = tokio::spawn(reload_on_sighup(self.app.clone()));
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -81,6 +89,7 @@ impl Server {
                 u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX),
             );
         let graceful = GracefulShutdown::new();
+        self.app.ready.store(true, Ordering::Release);
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -89,17 +98,17 @@ impl Server {
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
-            let proxy = self.proxy.clone();
+            let app = self.app.clone();
             let service = service_fn(move |request| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(request).await) }
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(app.proxy.handle(request).await) }
             });
             let connection = builder
                 .serve_connection(TokioIo::new(stream), service)
@@ -111,8 +120,11 @@ impl Server {
                 }
             });
         }
+        self.app.ready.store(false, Ordering::Release);
         drop(self.listener);
-        tracing::info!(grace = ?self.settings.shutdown_grace, "shutting down: no new connections, draining requests in flight");
+        admin.abort();
+        reloads.abort();
+        tracing::info!(grace = ?self.settings.shutdown_grace, "shutting down: listeners closed, draining requests in flight");
         tokio::select! {
             () = graceful.shutdown() => tracing::info!("all connections drained"),
             () = tokio::time::sleep(self.settings.shutdown_grace) => {
@@ -121,6 +133,43 @@ impl Server {
         }
     }
 }
+
+async fn serve_admin(listener: TcpListener, app: Arc<App>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(admin::handle(&app, request).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+#[cfg(unix)]
+async fn reload_on_sighup(app: Arc<App>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP; reload with POST /reload on the admin listener");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        let _ = app.reload().await;
+    }
+}
+
+#[cfg(not(unix))]
+async fn reload_on_sighup(_: Arc<App>) {}
 
 /// Completes on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {

@@ -47,6 +47,7 @@ impl World {
             r#"
 [server]
 listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 
 [upstream]
 extra_ca_file = "ca.pem"

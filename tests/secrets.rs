@@ -18,6 +18,7 @@ async fn secrets_never_reach_logs_or_error_bodies() {
         r#"
 [server]
 listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 [upstream]
 extra_ca_file = "ca.pem"
 allow_networks = ["127.0.0.0/8"]
@@ -110,7 +111,13 @@ password = "pw-5ecret-4"
     common::install_provider();
     let tls = connector_proxy::forward::tls_config(&config.upstream, None).unwrap();
     let upstream = connector_proxy::forward::Upstream::new(&config.upstream, tls);
-    let registry = connector_proxy::registry::Registry::new(&config, &upstream).unwrap();
+    let registry = connector_proxy::registry::Registry::new(
+        &config,
+        &upstream,
+        &std::sync::Arc::new(connector_proxy::metrics::Metrics::new()),
+        None,
+    )
+    .unwrap();
     let shown = format!("{config:?}\n{config:#?}\n{registry:?}");
     assert!(
         shown.contains("crm.example.com"),

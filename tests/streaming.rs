@@ -22,7 +22,7 @@ async fn hundred_mebibytes_stream_up_and_down_in_constant_memory() {
     let pki = Pki::new();
     let crm = Upstream::start(&pki.leaf(&["crm.example.com"]), &[b"h2", b"http/1.1"]).await;
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nextra_ca_file = \"ca.pem\"\nallow_networks = [\"127.0.0.0/8\"]\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nextra_ca_file = \"ca.pem\"\nallow_networks = [\"127.0.0.0/8\"]\n\
          request_timeout = \"120s\"\nresolve = {{ \"crm.example.com:443\" = \"{}\" }}\n\
          [orgs.acme.connectors.crm]\nauth = \"basic\"\nresource_domain = \"https://crm.example.com\"\nusername = \"u\"\npassword = \"p\"\n",
         crm.addr

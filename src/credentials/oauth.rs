@@ -21,13 +21,14 @@ pub mod token_client;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::CredentialError;
 use crate::config::OAuthSettings;
+use crate::metrics::{CacheLabels, ConnectorLabels, Metrics, OutcomeLabels, connector_labels};
 use crate::secret::Secret;
 use token_client::{GrantRequest, Issued, TokenEndpoint, TokenError};
 
@@ -35,8 +36,8 @@ const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
 pub struct TokenSource {
-    org: String,
-    connector: String,
+    labels: ConnectorLabels,
+    metrics: Arc<Metrics>,
     endpoint: TokenEndpoint,
     settings: OAuthSettings,
     state: Mutex<State>,
@@ -53,6 +54,7 @@ struct State {
     /// No fetch for callers before this; they get `last_error` instead.
     retry_at: Option<Instant>,
     last_error: Option<TokenError>,
+    last_error_at: Option<SystemTime>,
 }
 
 struct Token {
@@ -67,6 +69,25 @@ struct Token {
 pub struct TokenStatus {
     pub valid_for: Option<Duration>,
     pub last_error: Option<String>,
+    pub last_error_at: Option<SystemTime>,
+}
+
+/// How a caller got its token, for metrics and the request's log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// The cached token was sent.
+    Hit,
+    /// The caller waited for a fetch.
+    Miss,
+}
+
+impl Lookup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+        }
+    }
 }
 
 impl TokenSource {
@@ -75,10 +96,11 @@ impl TokenSource {
         connector: &str,
         endpoint: TokenEndpoint,
         settings: OAuthSettings,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            org: org.to_owned(),
-            connector: connector.to_owned(),
+            labels: connector_labels(org, connector),
+            metrics,
             endpoint,
             settings,
             state: Mutex::new(State::default()),
@@ -94,18 +116,43 @@ impl TokenSource {
     }
 
     /// The `Authorization` value to send now, fetching a token first when there is none.
-    pub async fn authorization(self: &Arc<Self>) -> Result<HeaderValue, CredentialError> {
+    pub async fn authorization(self: &Arc<Self>) -> Result<(HeaderValue, Lookup), CredentialError> {
+        let result = self.lookup().await;
+        let lookup = result.as_ref().map_or(Lookup::Miss, |(_, l)| *l);
+        self.count_cache(lookup.as_str());
+        result
+    }
+
+    async fn lookup(self: &Arc<Self>) -> Result<(HeaderValue, Lookup), CredentialError> {
         if let Some(value) = self.usable() {
-            return Ok(value);
+            return Ok((value, Lookup::Hit));
         }
         self.fail_fast()?;
         let _flight = self.fetch.lock().await;
         // Whoever held the lock before us may have fetched, or failed.
         if let Some(value) = self.usable() {
-            return Ok(value);
+            return Ok((value, Lookup::Miss));
         }
         self.fail_fast()?;
-        self.fetch_locked().await
+        Ok((self.fetch_locked().await?, Lookup::Miss))
+    }
+
+    fn count_cache(&self, result: &'static str) {
+        let labels = CacheLabels {
+            org: self.labels.org.clone(),
+            connector: self.labels.connector.clone(),
+            result,
+        };
+        self.metrics.token_cache.get_or_create(&labels).inc();
+    }
+
+    fn count_request(&self, outcome: &'static str) {
+        let labels = OutcomeLabels {
+            org: self.labels.org.clone(),
+            connector: self.labels.connector.clone(),
+            outcome,
+        };
+        self.metrics.token_requests.get_or_create(&labels).inc();
     }
 
     /// Drops the token if it is still `rejected` (an upstream answered 401 to it), so that the
@@ -127,6 +174,7 @@ impl TokenSource {
                 .filter(|t| t.expires > now)
                 .map(|t| t.expires - now),
             last_error: state.last_error.as_ref().map(ToString::to_string),
+            last_error_at: state.last_error_at,
         }
     }
 
@@ -154,13 +202,13 @@ impl TokenSource {
         let started = Instant::now();
         let refresh_token = self.state().refresh_token.clone();
         let mut result = match &refresh_token {
-            Some(token) => self.endpoint.request(GrantRequest::Refresh(token)).await,
-            None => self.endpoint.request(GrantRequest::Configured).await,
+            Some(token) => self.request(GrantRequest::Refresh(token)).await,
+            None => self.request(GrantRequest::Configured).await,
         };
         if refresh_token.is_some() && matches!(result, Err(TokenError::OAuth { .. })) {
             // A refused refresh token (expired, revoked): fall back to the configured grant.
             self.state().refresh_token = None;
-            result = self.endpoint.request(GrantRequest::Configured).await;
+            result = self.request(GrantRequest::Configured).await;
         }
         match result {
             Ok(issued) => Ok(self.install(issued, started)),
@@ -170,16 +218,27 @@ impl TokenSource {
                 state.retry_at = Some(Instant::now() + backoff(state.failures));
                 let reported = to_credential_error(&error);
                 tracing::warn!(
-                    org = %self.org,
-                    connector = %self.connector,
+                    org = %self.labels.org,
+                    connector = %self.labels.connector,
                     error = %error,
                     failures = state.failures,
                     "token request failed"
                 );
                 state.last_error = Some(error);
+                state.last_error_at = Some(SystemTime::now());
                 Err(reported)
             }
         }
+    }
+
+    async fn request(&self, grant: GrantRequest<'_>) -> Result<Issued, TokenError> {
+        let result = self.endpoint.request(grant).await;
+        self.count_request(match &result {
+            Ok(_) => "success",
+            Err(TokenError::Timeout(_)) => "timeout",
+            Err(_) => "error",
+        });
+        result
     }
 
     fn install(self: &Arc<Self>, issued: Issued, requested_at: Instant) -> HeaderValue {
@@ -248,6 +307,7 @@ impl TokenSource {
             {
                 return; // someone else already refreshed (a 401 invalidation, say)
             }
+            self.count_cache("refresh");
             if self.fetch_locked().await.is_ok() {
                 return;
             }

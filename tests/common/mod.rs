@@ -271,6 +271,7 @@ impl hyper::body::Body for Download {
 pub struct Proxy {
     child: Child,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub logs: Arc<Mutex<Vec<String>>>,
     pub dir: tempfile::TempDir,
 }
@@ -314,26 +315,32 @@ impl Proxy {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Some(addr) = listening_addr(&line) {
-                        let _ = tx.send(addr);
+                    if let Some(found) = listening_addr(&line) {
+                        let _ = tx.send(found);
                     }
                     logs.lock().unwrap().push(line);
                 }
             });
         }
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "proxy did not start; log:\n{}",
-                    logs.lock().unwrap().join("\n")
-                );
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || admin.is_none() {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(("proxy listening", found)) => addr = Some(found),
+                Ok((_, found)) => admin = Some(found),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "proxy did not start; log:\n{}",
+                        logs.lock().unwrap().join("\n")
+                    );
+                }
             }
-        };
+        }
+        let (addr, admin) = (addr.unwrap(), admin.unwrap());
         Self {
             child,
             addr,
+            admin,
             logs,
             dir,
         }
@@ -348,12 +355,15 @@ impl Proxy {
     }
 }
 
-fn listening_addr(line: &str) -> Option<SocketAddr> {
+/// `("proxy listening" | "admin listening", address)` from a start-up log line.
+fn listening_addr(line: &str) -> Option<(&'static str, SocketAddr)> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    if value.get("message")?.as_str()? != "proxy listening" {
-        return None;
-    }
-    value.get("addr")?.as_str()?.parse().ok()
+    let which = match value.get("message")?.as_str()? {
+        "proxy listening" => "proxy listening",
+        "admin listening" => "admin listening",
+        _ => return None,
+    };
+    Some((which, value.get("addr")?.as_str()?.parse().ok()?))
 }
 
 /// A response read whole.

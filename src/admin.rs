@@ -1,0 +1,170 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/status` and `POST /reload`. It reads
+//! shared state and serves no proxy traffic.
+
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::{Value, json};
+
+use crate::app::App;
+use crate::config::{AuthConfig, Grant};
+use crate::credentials::Credentials;
+use crate::metrics::connector_labels;
+use crate::registry::{Connector, Validation};
+
+pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            refresh_token_gauges(app);
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                app.metrics.encode(),
+            )
+        }
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/readyz") => {
+            if app.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "starting\n".into(),
+                )
+            }
+        }
+        (&Method::GET, "/status") => json_response(StatusCode::OK, &status(app)),
+        (&Method::POST, "/reload") => match app.reload().await {
+            Ok(()) => json_response(
+                StatusCode::OK,
+                &json!({ "reloaded": true, "file": app.config_path }),
+            ),
+            Err(errors) => json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({ "reloaded": false, "errors": errors }),
+            ),
+        },
+        (_, "/metrics" | "/healthz" | "/readyz" | "/status" | "/reload") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n".into(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics, /healthz, /readyz, /status or POST /reload\n".into(),
+        ),
+    }
+}
+
+/// `connector_proxy_token_expiry_seconds` is a reading, taken at scrape time.
+fn refresh_token_gauges(app: &App) {
+    for connector in app.proxy.routes().registry.connectors() {
+        if let Credentials::OAuth(source) = &connector.credentials {
+            let left = source.status().valid_for.map_or(0.0, |d| d.as_secs_f64());
+            app.metrics
+                .token_expiry
+                .get_or_create(&connector_labels(&connector.org, &connector.name))
+                .set(left);
+        }
+    }
+}
+
+fn unix(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64().floor())
+}
+
+/// Each org and connector with its state. Built from names, kinds and timings only: there is no
+/// field through which a secret could pass.
+fn status(app: &App) -> Value {
+    let routes = app.proxy.routes();
+    let mut orgs: Vec<Value> = routes
+        .registry
+        .orgs()
+        .map(|org| {
+            let mut connectors: Vec<&std::sync::Arc<Connector>> = routes
+                .registry
+                .connectors()
+                .into_iter()
+                .filter(|c| c.org == org.name)
+                .collect();
+            connectors.sort_by(|a, b| a.name.cmp(&b.name));
+            json!({
+                "org": org.name,
+                "inbound_token": org.inbound_token.is_some(),
+                "connectors": connectors.iter().map(|c| connector_status(c)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    orgs.sort_by(|a, b| a["org"].as_str().cmp(&b["org"].as_str()));
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "config": app.config_path,
+        "loaded_at": unix(app.loaded_at()),
+        "orgs": orgs,
+    })
+}
+
+fn connector_status(c: &Connector) -> Value {
+    let mut out = json!({
+        "connector": c.name,
+        "auth": c.config.auth.kind(),
+        "resource_domain": c.resource_domain.to_string(),
+    });
+    if let AuthConfig::OAuth2(client) = &c.config.auth {
+        out["grant"] = json!(match client.grant {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::Password { .. } => "password",
+        });
+        out["client_auth"] = json!(client_auth_name(client.client_auth.kind()));
+        out["token_url"] = json!(client.token_url.to_string());
+    }
+    if let Credentials::OAuth(source) = &c.credentials {
+        let status = source.status();
+        out["token"] = json!({
+            "state": if status.valid_for.is_some() { "valid" } else { "none" },
+            "seconds_left": status.valid_for.map(|d| d.as_secs_f64().floor()),
+        });
+        if let Some(error) = status.last_error {
+            out["last_error"] = json!({ "message": error, "at": status.last_error_at.map(unix) });
+        }
+    }
+    out["validation"] = match c.validation() {
+        Validation::None => json!({ "state": "none" }),
+        Validation::Pending => json!({ "state": "pending" }),
+        Validation::Ok { at } => json!({ "state": "ok", "at": unix(at) }),
+        Validation::Failed { at, error } => {
+            json!({ "state": "failed", "at": unix(at), "error": error })
+        }
+    };
+    out
+}
+
+fn client_auth_name(kind: crate::config::ClientAuthKind) -> &'static str {
+    use crate::config::ClientAuthKind::*;
+    match kind {
+        ClientSecretBasic => "client_secret_basic",
+        ClientSecretPost => "client_secret_post",
+        PrivateKeyJwt => "private_key_jwt",
+        TlsClientAuth => "tls_client_auth",
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
+    text(status, "application/json", value.to_string())
+}

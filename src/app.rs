@@ -1,0 +1,226 @@
+//! The running application: the proxy's routes, the metrics, and reloading.
+//!
+//! A reload reads the file again, validates it whole and, only if it is good, swaps in new
+//! routes at once; requests in flight finish on the routes they started with. Connectors whose
+//! configuration did not change are carried over with their cached tokens, provided the
+//! upstream and OAuth settings they were built with did not change either.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use http::header::AUTHORIZATION;
+use http::{Method, Request};
+use http_body_util::{Either, Full};
+
+use crate::config::{Config, OAuthSettings, ServerSettings, UpstreamSettings};
+use crate::credentials::Credentials;
+use crate::forward::{self, Upstream};
+use crate::metrics::{Metrics, ReloadLabels, connector_labels};
+use crate::proxy::{Proxy, Routes};
+use crate::registry::{Connector, Registry, RegistryError, Validation};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot build the upstream TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+pub struct App {
+    pub proxy: Proxy,
+    pub metrics: Arc<Metrics>,
+    pub config_path: PathBuf,
+    /// Set once the listeners are up.
+    pub ready: AtomicBool,
+    loaded: Mutex<Loaded>,
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// What the current routes were built from.
+struct Loaded {
+    upstream: UpstreamSettings,
+    oauth: OAuthSettings,
+    server: ServerSettings,
+    at: SystemTime,
+}
+
+impl App {
+    pub fn new(config: &Config) -> Result<Arc<Self>, BuildError> {
+        let metrics = Arc::new(Metrics::new());
+        let routes = build_routes(config, None, &metrics)?;
+        let app = Arc::new(Self {
+            proxy: Proxy::new(
+                routes,
+                config.server.max_concurrent_requests,
+                metrics.clone(),
+            ),
+            metrics,
+            config_path: config.path.clone(),
+            ready: AtomicBool::new(false),
+            loaded: Mutex::new(Loaded::of(config)),
+            reloading: tokio::sync::Mutex::new(()),
+        });
+        app.validate_connectors();
+        Ok(app)
+    }
+
+    pub fn loaded_at(&self) -> SystemTime {
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner()).at
+    }
+
+    /// Reads the configuration file again and, if it is valid, serves from it. On error the
+    /// running configuration stays and the problems are returned, one per line.
+    pub async fn reload(&self) -> Result<(), Vec<String>> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let result = self.try_reload().await;
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        self.metrics
+            .config_reloads
+            .get_or_create(&ReloadLabels { outcome })
+            .inc();
+        match &result {
+            Ok(()) => tracing::info!(file = %self.config_path.display(), "configuration reloaded"),
+            Err(problems) => {
+                for problem in problems {
+                    tracing::error!(file = %self.config_path.display(), problem = %problem, "reload refused; the running configuration stays");
+                }
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<(), Vec<String>> {
+        let path = self.config_path.clone();
+        let config = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| vec![format!("reload task failed: {e}")])?
+            .map_err(|e| match e {
+                crate::config::ConfigError::Invalid { path, problems } => {
+                    problems.iter().map(|p| p.display_in(&path)).collect()
+                }
+                other => vec![other.to_string()],
+            })?;
+        let current = self.proxy.routes();
+        let (reuse, restart_only) = {
+            let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+            let same = loaded.upstream == config.upstream && loaded.oauth == config.oauth;
+            (same, restart_only_changes(&loaded.server, &config.server))
+        };
+        for key in restart_only {
+            tracing::warn!(
+                key,
+                "changed in the file, but takes effect only after a restart"
+            );
+        }
+        let previous = reuse.then_some(&*current);
+        let routes =
+            build_routes(&config, previous, &self.metrics).map_err(|e| vec![e.to_string()])?;
+        self.proxy.swap(routes);
+        *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = Loaded::of(&config);
+        self.validate_connectors();
+        Ok(())
+    }
+
+    /// Checks every Basic connector's `validation_url` in the background (GET with its
+    /// credentials; 2xx is valid). Reported, not enforced: requests flow either way.
+    pub fn validate_connectors(&self) {
+        let routes = self.proxy.routes();
+        for connector in routes.registry.connectors() {
+            let Some(url) = connector.config.validation_url.clone() else {
+                continue;
+            };
+            let connector = connector.clone();
+            let upstream = routes.upstream.clone();
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                let validation = validate(&connector, &upstream, url).await;
+                let gauge = metrics
+                    .validation_ok
+                    .get_or_create(&connector_labels(&connector.org, &connector.name));
+                gauge.set(i64::from(matches!(validation, Validation::Ok { .. })));
+                if let Validation::Failed { error, .. } = &validation {
+                    tracing::warn!(org = %connector.org, connector = %connector.name, %error, "connector validation failed");
+                }
+                connector.set_validation(validation);
+            });
+        }
+    }
+}
+
+impl Loaded {
+    fn of(config: &Config) -> Self {
+        Self {
+            upstream: config.upstream.clone(),
+            oauth: config.oauth.clone(),
+            server: config.server.clone(),
+            at: SystemTime::now(),
+        }
+    }
+}
+
+/// Server settings a reload cannot apply to listeners and limits already running.
+fn restart_only_changes(old: &ServerSettings, new: &ServerSettings) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.listen != new.listen {
+        changed.push("server.listen");
+    }
+    if old.admin_listen != new.admin_listen {
+        changed.push("server.admin_listen");
+    }
+    if old.max_concurrent_requests != new.max_concurrent_requests {
+        changed.push("server.max_concurrent_requests");
+    }
+    if old.header_read_timeout != new.header_read_timeout
+        || old.max_header_bytes != new.max_header_bytes
+    {
+        changed.push("server.header_read_timeout / max_header_bytes");
+    }
+    if old.shutdown_grace != new.shutdown_grace {
+        changed.push("server.shutdown_grace");
+    }
+    changed
+}
+
+/// New routes for `config`; with `previous`, its upstream client and unchanged connectors are
+/// kept.
+fn build_routes(
+    config: &Config,
+    previous: Option<&Routes>,
+    metrics: &Arc<Metrics>,
+) -> Result<Routes, BuildError> {
+    let upstream = match previous {
+        Some(routes) => routes.upstream.clone(),
+        None => Upstream::new(
+            &config.upstream,
+            forward::tls_config(&config.upstream, None)?,
+        ),
+    };
+    let registry = Registry::new(config, &upstream, metrics, previous.map(|r| &r.registry))?;
+    Ok(Routes::new(registry, upstream, config))
+}
+
+async fn validate(connector: &Connector, upstream: &Upstream, url: http::Uri) -> Validation {
+    let at = SystemTime::now();
+    let authorization = match &connector.credentials {
+        Credentials::Basic(value) => value.clone(),
+        Credentials::OAuth(_) => return Validation::None,
+    };
+    let mut request = Request::new(Either::Right(Full::default()));
+    *request.method_mut() = Method::GET;
+    *request.uri_mut() = url;
+    request.headers_mut().insert(AUTHORIZATION, authorization);
+    match upstream.send(request).await {
+        Ok(response) if response.status().is_success() => Validation::Ok { at },
+        Ok(response) => Validation::Failed {
+            at,
+            error: format!("the validation URL answered {}", response.status()),
+        },
+        Err(e) => Validation::Failed {
+            at,
+            error: e.to_string(),
+        },
+    }
+}

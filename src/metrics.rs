@@ -1,0 +1,160 @@
+//! Metric families, named as DESIGN.md fixes them, in the Prometheus text format.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub org: String,
+    pub connector: String,
+    /// The upstream's status, or the proxy's error code.
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectorLabels {
+    pub org: String,
+    pub connector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub org: String,
+    pub connector: String,
+    /// `success`, `error` or `timeout`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub org: String,
+    pub connector: String,
+    /// `hit` (a cached token was sent), `miss` (the caller waited for a fetch) or `refresh`
+    /// (a background refresh ahead of expiry).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<ConnectorLabels, Histogram>,
+    pub inflight: Gauge,
+    pub token_requests: Family<OutcomeLabels, Counter>,
+    pub token_cache: Family<CacheLabels, Counter>,
+    pub token_expiry: Family<ConnectorLabels, Gauge<f64, AtomicU64>>,
+    pub validation_ok: Family<ConnectorLabels, Gauge>,
+    pub config_reloads: Family<ReloadLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("connector_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by upstream status or proxy error code",
+            requests.clone(),
+        );
+        let request_duration = Family::<ConnectorLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ])
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers",
+            request_duration.clone(),
+        );
+        let inflight = Gauge::default();
+        registry.register(
+            "inflight_requests",
+            "Requests being served now",
+            inflight.clone(),
+        );
+        let token_requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "token_requests",
+            "Token endpoint requests, by outcome",
+            token_requests.clone(),
+        );
+        let token_cache = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "token_cache",
+            "Token lookups: hit, miss (waited for a fetch) or refresh",
+            token_cache.clone(),
+        );
+        let token_expiry = Family::<ConnectorLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "token_expiry_seconds",
+            "Seconds left on the cached token",
+            token_expiry.clone(),
+        );
+        let validation_ok = Family::<ConnectorLabels, Gauge>::default();
+        registry.register(
+            "validation_ok",
+            "1 when the validation URL last answered 2xx, else 0",
+            validation_ok.clone(),
+        );
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by outcome",
+            config_reloads.clone(),
+        );
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Build information", build_info);
+        Self {
+            registry,
+            requests,
+            request_duration,
+            inflight,
+            token_requests,
+            token_cache,
+            token_expiry,
+            validation_ok,
+            config_reloads,
+        }
+    }
+
+    /// The whole registry in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+pub fn connector_labels(org: &str, connector: &str) -> ConnectorLabels {
+    ConnectorLabels {
+        org: org.to_owned(),
+        connector: connector.to_owned(),
+    }
+}
