@@ -353,6 +353,18 @@ impl Proxy {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The exit status, once the process has ended by itself within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
 }
 
 /// `("proxy listening" | "admin listening", address)` from a start-up log line.
