@@ -63,7 +63,6 @@ impl App {
             loaded: Mutex::new(Loaded::of(config)),
             reloading: tokio::sync::Mutex::new(()),
         });
-        app.validate_connectors();
         Ok(app)
     }
 
@@ -122,6 +121,51 @@ impl App {
         *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = Loaded::of(&config);
         self.validate_connectors();
         Ok(())
+    }
+
+    /// `check --online`: fetches each OAuth connector's token once and calls each Basic
+    /// connector's validation URL, in parallel. One row per connector: org, name, auth, and
+    /// `Ok(what was checked)` or `Err(why not)`.
+    pub async fn check_online(
+        &self,
+    ) -> Vec<(String, String, &'static str, Result<String, String>)> {
+        let routes = self.proxy.routes();
+        let checks = routes.registry.connectors().into_iter().map(|connector| {
+            let connector = connector.clone();
+            let upstream = routes.upstream.clone();
+            tokio::spawn(async move {
+                let result = match (
+                    &connector.credentials,
+                    connector.config.validation_url.clone(),
+                ) {
+                    (Credentials::OAuth(source), _) => match source.authorization().await {
+                        Ok(_) => Ok("token obtained".to_owned()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    (Credentials::Basic(_), Some(url)) => {
+                        match validate(&connector, &upstream, url).await {
+                            Validation::Ok { .. } => Ok("validation URL answered 2xx".to_owned()),
+                            Validation::Failed { error, .. } => Err(error),
+                            Validation::None | Validation::Pending => Err("not checked".to_owned()),
+                        }
+                    }
+                    (Credentials::Basic(_), None) => Ok("no validation_url to call".to_owned()),
+                };
+                (
+                    connector.org.clone(),
+                    connector.name.clone(),
+                    connector.config.auth.kind(),
+                    result,
+                )
+            })
+        });
+        let mut rows = Vec::new();
+        for check in checks.collect::<Vec<_>>() {
+            if let Ok(row) = check.await {
+                rows.push(row);
+            }
+        }
+        rows
     }
 
     /// Checks every Basic connector's `validation_url` in the background (GET with its

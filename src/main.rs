@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use connector_proxy::app::App;
 use connector_proxy::config::{self, AuthConfig, Config};
 use connector_proxy::server::{self, Server};
 use tracing_subscriber::EnvFilter;
@@ -87,13 +88,47 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
             );
         }
     }
-    if online {
-        eprintln!(
-            "--online is not available yet: tokens and validation URLs come with the OAuth and operations work"
-        );
-        return ExitCode::FAILURE;
+    if !online {
+        return ExitCode::SUCCESS;
     }
-    ExitCode::SUCCESS
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
+    let rows = runtime.block_on(async {
+        match App::new(&config) {
+            Ok(app) => Ok(app.check_online().await),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!();
+    println!(
+        "{:<16} {:<28} {:<7} {:<6} detail",
+        "ORG", "CONNECTOR", "AUTH", "RESULT"
+    );
+    let mut failed = false;
+    for (org, connector, auth, result) in rows {
+        let (word, detail) = match result {
+            Ok(detail) => ("ok", detail),
+            Err(detail) => {
+                failed = true;
+                ("FAILED", detail)
+            }
+        };
+        println!("{org:<16} {connector:<28} {auth:<7} {word:<6} {detail}");
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {

@@ -89,6 +89,7 @@ impl Server {
                 u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX),
             );
         let graceful = GracefulShutdown::new();
+        self.app.validate_connectors();
         self.app.ready.store(true, Ordering::Release);
         tokio::pin!(shutdown);
         loop {

@@ -85,13 +85,20 @@ async fn admin(proxy: &Proxy, method: &str, path: &str) -> common::Answer {
 /// One sample's value: (metric name, labels) -> value.
 fn scrape(text: &str) -> HashMap<(String, Vec<(String, String)>), f64> {
     let lines = text.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("the Prometheus text parser accepts /metrics");
+    let scrape = prometheus_parse::Scrape::parse(lines)
+        .expect("the Prometheus text parser accepts /metrics");
     let mut out = HashMap::new();
     for sample in scrape.samples {
-        let mut labels: Vec<(String, String)> = sample.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut labels: Vec<(String, String)> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         labels.sort();
         let value = match sample.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
             prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
             prometheus_parse::Value::Summary(_) => continue,
         };
@@ -100,8 +107,15 @@ fn scrape(text: &str) -> HashMap<(String, Vec<(String, String)>), f64> {
     out
 }
 
-fn metric(samples: &HashMap<(String, Vec<(String, String)>), f64>, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut labels: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+fn metric(
+    samples: &HashMap<(String, Vec<(String, String)>), f64>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    let mut labels: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     labels.sort();
     samples.get(&(name.to_owned(), labels)).copied()
 }
@@ -117,19 +131,52 @@ async fn metrics_count_known_traffic_by_code_token_and_cache_result() {
     let world = World::new().await;
     let proxy = world.start(&world.config("", ""));
     for _ in 0..3 {
-        assert_eq!(get(proxy.addr, "/ok", &[("x-connector-name", "crm")]).await.status, 200);
+        assert_eq!(
+            get(proxy.addr, "/ok", &[("x-connector-name", "crm")])
+                .await
+                .status,
+            200
+        );
     }
-    assert_eq!(get(proxy.addr, "https://elsewhere.example.com/", &[("x-connector-name", "crm")]).await.status, 403);
-    assert_eq!(get(proxy.addr, "/ok", &[("x-connector-name", "no-such-connector")]).await.status, 404);
+    assert_eq!(
+        get(
+            proxy.addr,
+            "https://elsewhere.example.com/",
+            &[("x-connector-name", "crm")]
+        )
+        .await
+        .status,
+        403
+    );
+    assert_eq!(
+        get(
+            proxy.addr,
+            "/ok",
+            &[("x-connector-name", "no-such-connector")]
+        )
+        .await
+        .status,
+        404
+    );
     for _ in 0..2 {
-        assert_eq!(get(proxy.addr, "/ok", &[("x-connector-name", "billing")]).await.status, 200);
+        assert_eq!(
+            get(proxy.addr, "/ok", &[("x-connector-name", "billing")])
+                .await
+                .status,
+            200
+        );
     }
     let crm = [("org", "acme"), ("connector", "crm")];
     let billing = [("org", "acme"), ("connector", "billing")];
     // Validation runs in the background: give it a moment to land.
     let mut m = metrics(&proxy).await;
     for _ in 0..50 {
-        if metric(&m, "connector_proxy_validation_ok", &[("org", "acme"), ("connector", "stale")]).is_some()
+        if metric(
+            &m,
+            "connector_proxy_validation_ok",
+            &[("org", "acme"), ("connector", "stale")],
+        )
+        .is_some()
             && metric(&m, "connector_proxy_validation_ok", &crm).is_some()
         {
             break;
@@ -138,27 +185,97 @@ async fn metrics_count_known_traffic_by_code_token_and_cache_result() {
         m = metrics(&proxy).await;
     }
     let requests = "connector_proxy_requests_total";
-    assert_eq!(metric(&m, requests, &[("org", "acme"), ("connector", "crm"), ("code", "200")]), Some(3.0));
     assert_eq!(
-        metric(&m, requests, &[("org", "acme"), ("connector", "crm"), ("code", "target_outside_resource_domain")]),
+        metric(
+            &m,
+            requests,
+            &[("org", "acme"), ("connector", "crm"), ("code", "200")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            requests,
+            &[
+                ("org", "acme"),
+                ("connector", "crm"),
+                ("code", "target_outside_resource_domain")
+            ]
+        ),
         Some(1.0)
     );
     // A name the configuration does not know never becomes a label value.
-    assert_eq!(metric(&m, requests, &[("org", ""), ("connector", ""), ("code", "unknown_connector")]), Some(1.0));
-    assert!(!m.keys().any(|(_, labels)| labels.iter().any(|(_, v)| v == "no-such-connector")));
-    assert_eq!(metric(&m, requests, &[("org", "acme"), ("connector", "billing"), ("code", "200")]), Some(2.0));
-    assert_eq!(metric(&m, "connector_proxy_request_duration_seconds_count", &crm), Some(4.0));
+    assert_eq!(
+        metric(
+            &m,
+            requests,
+            &[
+                ("org", ""),
+                ("connector", ""),
+                ("code", "unknown_connector")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        !m.keys()
+            .any(|(_, labels)| labels.iter().any(|(_, v)| v == "no-such-connector"))
+    );
+    assert_eq!(
+        metric(
+            &m,
+            requests,
+            &[("org", "acme"), ("connector", "billing"), ("code", "200")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&m, "connector_proxy_request_duration_seconds_count", &crm),
+        Some(4.0)
+    );
     let outcome = |o: &'static str| [("org", "acme"), ("connector", "billing"), ("outcome", o)];
-    assert_eq!(metric(&m, "connector_proxy_token_requests_total", &outcome("success")), Some(1.0));
+    assert_eq!(
+        metric(
+            &m,
+            "connector_proxy_token_requests_total",
+            &outcome("success")
+        ),
+        Some(1.0)
+    );
     let cache = |r: &'static str| [("org", "acme"), ("connector", "billing"), ("result", r)];
-    assert_eq!(metric(&m, "connector_proxy_token_cache_total", &cache("miss")), Some(1.0));
-    assert_eq!(metric(&m, "connector_proxy_token_cache_total", &cache("hit")), Some(1.0));
-    let left = metric(&m, "connector_proxy_token_expiry_seconds", &billing).expect("token expiry gauge");
+    assert_eq!(
+        metric(&m, "connector_proxy_token_cache_total", &cache("miss")),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "connector_proxy_token_cache_total", &cache("hit")),
+        Some(1.0)
+    );
+    let left =
+        metric(&m, "connector_proxy_token_expiry_seconds", &billing).expect("token expiry gauge");
     assert!(left > 3500.0 && left <= 3600.0, "{left}");
-    assert_eq!(metric(&m, "connector_proxy_inflight_requests", &[]), Some(0.0));
-    assert_eq!(metric(&m, "connector_proxy_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    assert_eq!(
+        metric(&m, "connector_proxy_inflight_requests", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "connector_proxy_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
     assert_eq!(metric(&m, "connector_proxy_validation_ok", &crm), Some(1.0));
-    assert_eq!(metric(&m, "connector_proxy_validation_ok", &[("org", "acme"), ("connector", "stale")]), Some(0.0));
+    assert_eq!(
+        metric(
+            &m,
+            "connector_proxy_validation_ok",
+            &[("org", "acme"), ("connector", "stale")]
+        ),
+        Some(0.0)
+    );
     let text = String::from_utf8(admin(&proxy, "GET", "/metrics").await.body.to_vec()).unwrap();
     for secret in [BASIC_PASSWORD, CLIENT_SECRET, "at-5ecret"] {
         assert!(!text.contains(secret), "{secret} in /metrics");
@@ -172,11 +289,19 @@ async fn status_health_and_readiness_show_state_without_secrets() {
     assert_eq!(admin(&proxy, "GET", "/healthz").await.status, 200);
     assert_eq!(admin(&proxy, "GET", "/readyz").await.status, 200);
     assert_eq!(admin(&proxy, "GET", "/nope").await.status, 404);
-    assert_eq!(get(proxy.addr, "/ok", &[("x-connector-name", "billing")]).await.status, 200);
+    assert_eq!(
+        get(proxy.addr, "/ok", &[("x-connector-name", "billing")])
+            .await
+            .status,
+        200
+    );
     let mut status = admin(&proxy, "GET", "/status").await.json();
     for _ in 0..50 {
         let connectors = status["orgs"][0]["connectors"].as_array().unwrap();
-        if connectors.iter().all(|c| c["validation"]["state"] != "pending") {
+        if connectors
+            .iter()
+            .all(|c| c["validation"]["state"] != "pending")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -184,7 +309,15 @@ async fn status_health_and_readiness_show_state_without_secrets() {
     }
     let org = &status["orgs"][0];
     assert_eq!(org["org"], "acme");
-    let find = |name: &str| org["connectors"].as_array().unwrap().iter().find(|c| c["connector"] == name).unwrap().clone();
+    let find = |name: &str| {
+        org["connectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["connector"] == name)
+            .unwrap()
+            .clone()
+    };
     let billing = find("billing");
     assert_eq!(billing["auth"], "oauth2");
     assert_eq!(billing["grant"], "client_credentials");
@@ -194,7 +327,13 @@ async fn status_health_and_readiness_show_state_without_secrets() {
     assert_eq!(find("crm")["validation"]["state"], "ok");
     let stale = find("stale");
     assert_eq!(stale["validation"]["state"], "failed");
-    assert!(stale["validation"]["error"].as_str().unwrap().contains("401"), "{stale}");
+    assert!(
+        stale["validation"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("401"),
+        "{stale}"
+    );
     let text = status.to_string();
     for secret in [BASIC_PASSWORD, CLIENT_SECRET, "at-5ecret"] {
         assert!(!text.contains(secret), "{secret} in /status: {text}");
@@ -202,7 +341,10 @@ async fn status_health_and_readiness_show_state_without_secrets() {
 }
 
 fn signal(proxy: &Proxy, name: &str) {
-    let ok = std::process::Command::new("kill").args([&format!("-{name}"), &proxy.pid().to_string()]).status().unwrap();
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &proxy.pid().to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
@@ -211,7 +353,12 @@ async fn reload_swaps_good_files_refuses_bad_ones_and_keeps_unchanged_tokens() {
     let world = World::new().await;
     let proxy = world.start(&world.config("", ""));
     let path = proxy.dir.path().join("proxy.toml");
-    assert_eq!(get(proxy.addr, "/ok", &[("x-connector-name", "billing")]).await.status, 200);
+    assert_eq!(
+        get(proxy.addr, "/ok", &[("x-connector-name", "billing")])
+            .await
+            .status,
+        200
+    );
     assert_eq!(world.token.requests(), 1);
 
     // Requests keep flowing through every reload below.
@@ -219,28 +366,66 @@ async fn reload_swaps_good_files_refuses_bad_ones_and_keeps_unchanged_tokens() {
     let flowing = tokio::spawn(async move {
         let mut statuses = Vec::new();
         for _ in 0..60 {
-            statuses.push(get(addr, "/ok", &[("x-connector-name", "crm")]).await.status.as_u16());
+            statuses.push(
+                get(addr, "/ok", &[("x-connector-name", "crm")])
+                    .await
+                    .status
+                    .as_u16(),
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         statuses
     });
     // A slow request that starts before its connector is removed finishes on the old config.
-    let slow = tokio::spawn(async move { get(addr, "/slow/1500", &[("x-connector-name", "crm")]).await.status });
+    let slow = tokio::spawn(async move {
+        get(addr, "/slow/1500", &[("x-connector-name", "crm")])
+            .await
+            .status
+    });
 
     let added = "[orgs.acme.connectors.added]\nauth = \"basic\"\nresource_domain = \"https://crm.example.com\"\nusername = \"a\"\npassword = \"b\"\n";
     std::fs::write(&path, world.config("", added)).unwrap();
     let answer = admin(&proxy, "POST", "/reload").await;
     assert_eq!(answer.status, 200, "{answer:?}");
-    assert_eq!(get(proxy.addr, "/ok", &[("x-connector-name", "added")]).await.status, 200);
-    assert_eq!(get(proxy.addr, "/ok", &[("x-connector-name", "billing")]).await.status, 200);
-    assert_eq!(world.token.requests(), 1, "an unchanged connector keeps its token across a reload");
+    assert_eq!(
+        get(proxy.addr, "/ok", &[("x-connector-name", "added")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(proxy.addr, "/ok", &[("x-connector-name", "billing")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        world.token.requests(),
+        1,
+        "an unchanged connector keeps its token across a reload"
+    );
 
-    std::fs::write(&path, world.config("", "[orgs.acme.connectors.broken]\nauth = \"basic\"\n")).unwrap();
+    std::fs::write(
+        &path,
+        world.config("", "[orgs.acme.connectors.broken]\nauth = \"basic\"\n"),
+    )
+    .unwrap();
     let refused = admin(&proxy, "POST", "/reload").await;
     assert_eq!(refused.status, 400);
     let errors = refused.json()["errors"].as_array().unwrap().clone();
-    assert!(errors.iter().any(|e| e.as_str().unwrap().contains("orgs.acme.connectors.broken")), "{errors:?}");
-    assert_eq!(get(proxy.addr, "/ok", &[("x-connector-name", "added")]).await.status, 200, "the old config still serves");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.as_str().unwrap().contains("orgs.acme.connectors.broken")),
+        "{errors:?}"
+    );
+    assert_eq!(
+        get(proxy.addr, "/ok", &[("x-connector-name", "added")])
+            .await
+            .status,
+        200,
+        "the old config still serves"
+    );
 
     // SIGHUP with a file that no longer has `added` (nor the crm connector's slow request's
     // connector... which is kept: only `added` goes).
@@ -248,7 +433,11 @@ async fn reload_swaps_good_files_refuses_bad_ones_and_keeps_unchanged_tokens() {
     signal(&proxy, "HUP");
     let mut gone = false;
     for _ in 0..100 {
-        if get(proxy.addr, "/ok", &[("x-connector-name", "added")]).await.status == 404 {
+        if get(proxy.addr, "/ok", &[("x-connector-name", "added")])
+            .await
+            .status
+            == 404
+        {
             gone = true;
             break;
         }
@@ -257,10 +446,27 @@ async fn reload_swaps_good_files_refuses_bad_ones_and_keeps_unchanged_tokens() {
     assert!(gone, "SIGHUP did not reload");
     assert_eq!(slow.await.unwrap(), 200);
     let statuses = flowing.await.unwrap();
-    assert!(statuses.iter().all(|s| *s == 200), "requests failed during reloads: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "requests failed during reloads: {statuses:?}"
+    );
     let m = metrics(&proxy).await;
-    assert_eq!(metric(&m, "connector_proxy_config_reloads_total", &[("outcome", "success")]), Some(2.0));
-    assert_eq!(metric(&m, "connector_proxy_config_reloads_total", &[("outcome", "failure")]), Some(1.0));
+    assert_eq!(
+        metric(
+            &m,
+            "connector_proxy_config_reloads_total",
+            &[("outcome", "success")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "connector_proxy_config_reloads_total",
+            &[("outcome", "failure")]
+        ),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
@@ -268,7 +474,8 @@ async fn sigterm_refuses_new_connections_and_lets_requests_in_flight_finish() {
     let world = World::new().await;
     let mut proxy = world.start(&world.config("shutdown_grace = \"10s\"", ""));
     let addr: SocketAddr = proxy.addr;
-    let slow = tokio::spawn(async move { get(addr, "/slow/1500", &[("x-connector-name", "crm")]).await });
+    let slow =
+        tokio::spawn(async move { get(addr, "/slow/1500", &[("x-connector-name", "crm")]).await });
     while world.crm.seen().is_empty() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -286,7 +493,9 @@ async fn sigterm_refuses_new_connections_and_lets_requests_in_flight_finish() {
     let answer = slow.await.unwrap();
     assert_eq!(answer.status, 200, "the request in flight was cut off");
     assert_eq!(&answer.body[..], b"slow");
-    let status = proxy.wait_exit(Duration::from_secs(10)).expect("the proxy exits after draining");
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("the proxy exits after draining");
     assert!(status.success(), "exit status {status:?}");
 }
 
@@ -294,7 +503,12 @@ async fn sigterm_refuses_new_connections_and_lets_requests_in_flight_finish() {
 async fn every_request_ends_in_one_canonical_log_line() {
     let world = World::new().await;
     let proxy = world.start(&world.config("", ""));
-    let answer = get(proxy.addr, "/ok", &[("x-connector-name", "billing"), ("x-request-id", "flow-7")]).await;
+    let answer = get(
+        proxy.addr,
+        "/ok",
+        &[("x-connector-name", "billing"), ("x-request-id", "flow-7")],
+    )
+    .await;
     assert_eq!(answer.status, 200);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let lines: Vec<serde_json::Value> = proxy
@@ -306,9 +520,82 @@ async fn every_request_ends_in_one_canonical_log_line() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     let line = &lines[0];
     assert_eq!(line["message"], "request");
-    for (field, expected) in [("org", "acme"), ("connector", "billing"), ("method", "GET"), ("host", "crm.example.com"), ("error", "-"), ("token", "miss")] {
+    for (field, expected) in [
+        ("org", "acme"),
+        ("connector", "billing"),
+        ("method", "GET"),
+        ("host", "crm.example.com"),
+        ("error", "-"),
+        ("token", "miss"),
+    ] {
         assert_eq!(line[field], expected, "{field} in {line}");
     }
     assert_eq!(line["status"], 200);
     assert!(line["duration_ms"].as_f64().unwrap() >= line["upstream_ms"].as_f64().unwrap());
+}
+
+#[tokio::test]
+async fn check_online_fetches_tokens_and_calls_validation_urls() {
+    let world = World::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    common::write(dir.path(), "ca.pem", &world.pki.ca_pem());
+    let run = |config: String| {
+        let path = common::write(dir.path(), "proxy.toml", &config);
+        let binary = common::binary();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(binary)
+                    .args(["check", "--online", "--config"])
+                    .arg(path)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = run(world.config("", "")).await;
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !out.status.success(),
+        "the failing validation URL must fail the check:\n{stdout}"
+    );
+    let row = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(row("crm").contains(" ok "), "{stdout}");
+    assert!(
+        row("billing").contains(" ok ") && row("billing").contains("token obtained"),
+        "{stdout}"
+    );
+    assert!(
+        row("stale").contains("FAILED") && row("stale").contains("401"),
+        "{stdout}"
+    );
+    assert_eq!(
+        world.token.requests(),
+        1,
+        "one token fetched for the one OAuth connector"
+    );
+    for secret in [BASIC_PASSWORD, CLIENT_SECRET, "at-5ecret"] {
+        assert!(
+            !stdout.contains(secret),
+            "{secret} printed by check --online"
+        );
+    }
+    // Without the failing connector, all is well.
+    let config = world.config("", "").replace(
+        "validation_url = \"https://crm.example.com/status/401\"",
+        "",
+    );
+    let out = run(config).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
