@@ -82,8 +82,11 @@ async fn admin(proxy: &Proxy, method: &str, path: &str) -> common::Answer {
     send(proxy.admin, method, path, &[], Bytes::new()).await
 }
 
-/// One sample's value: (metric name, labels) -> value.
-fn scrape(text: &str) -> HashMap<(String, Vec<(String, String)>), f64> {
+/// (metric name, sorted labels) -> value.
+type Samples = HashMap<(String, Vec<(String, String)>), f64>;
+
+/// Parses a scrape into its samples' values.
+fn scrape(text: &str) -> Samples {
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines)
         .expect("the Prometheus text parser accepts /metrics");
@@ -107,11 +110,7 @@ fn scrape(text: &str) -> HashMap<(String, Vec<(String, String)>), f64> {
     out
 }
 
-fn metric(
-    samples: &HashMap<(String, Vec<(String, String)>), f64>,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> Option<f64> {
+fn metric(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut labels: Vec<(String, String)> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -120,7 +119,7 @@ fn metric(
     samples.get(&(name.to_owned(), labels)).copied()
 }
 
-async fn metrics(proxy: &Proxy) -> HashMap<(String, Vec<(String, String)>), f64> {
+async fn metrics(proxy: &Proxy) -> Samples {
     let answer = admin(proxy, "GET", "/metrics").await;
     assert_eq!(answer.status, 200);
     scrape(std::str::from_utf8(&answer.body).unwrap())
