@@ -1,4 +1,6 @@
 # Two stages: build with the full toolchain, run on a small image as a non-root user.
+#   docker build -t connector-proxy .
+#   docker run --rm -p 8080:8080 -p 9090:9090 -e CONNECTOR_PROXY_DEMO_TOKEN=change-me connector-proxy
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -8,10 +10,12 @@ RUN cargo build --locked --release --bin connector-proxy
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/connector-proxy /usr/local/bin/connector-proxy
-COPY config/proxy.toml /etc/connector-proxy/proxy.toml
+COPY config/container.toml /etc/connector-proxy/proxy.toml
 ENV CONNECTOR_PROXY_CONFIG=/etc/connector-proxy/proxy.toml
 USER nonroot:nonroot
-# Proxy listener and admin listener; the config must listen on a non-loopback address (and so
-# set inbound_token for every org) to be reachable from outside the container.
+# 8080: the proxy listener; 9090: /metrics /healthz /readyz /status /reload.
 EXPOSE 8080 9090
+# The image has no shell or curl: the binary asks its own admin listener.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["/usr/local/bin/connector-proxy", "health"]
 ENTRYPOINT ["/usr/local/bin/connector-proxy"]

@@ -33,6 +33,12 @@ enum Command {
         #[arg(long)]
         online: bool,
     },
+    /// Ask the running proxy's admin listener for /healthz (for container health checks)
+    Health {
+        /// Admin address to ask [default: server.admin_listen from the configuration]
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -47,7 +53,57 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Some(Command::Check { online }) => check(&cli.config, online),
+        Some(Command::Health { admin }) => health(&cli.config, admin),
         None => run(&cli.config, cli.log_format),
+    }
+}
+
+/// A plain HTTP/1.1 GET of `/healthz` on `server.admin_listen` (loopback when it listens on all
+/// interfaces); exit 0 on 200.
+fn health(path: &std::path::Path, admin: Option<std::net::SocketAddr>) -> ExitCode {
+    use std::io::{Read, Write};
+    let configured = match admin {
+        Some(addr) => Ok(addr),
+        None => Config::load(path).map(|c| c.server.admin_listen),
+    };
+    let mut addr = match configured {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let timeout = std::time::Duration::from_secs(3);
+    let answer = std::net::TcpStream::connect_timeout(&addr, timeout).and_then(|mut stream| {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(
+            format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head)?;
+        Ok(head)
+    });
+    match answer {
+        Ok(head) if head.starts_with(b"HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(head) => {
+            eprintln!(
+                "{addr}/healthz answered {:?}",
+                String::from_utf8_lossy(&head)
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{addr}/healthz: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

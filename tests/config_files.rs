@@ -24,6 +24,7 @@ fn check(path: &Path) -> (bool, String, String) {
         .args(["check", "--config"])
         .arg(path)
         .env_remove("CONNECTOR_PROXY_CONFIG")
+        .env("CONNECTOR_PROXY_DEMO_TOKEN", "container-inbound")
         .env_remove("CONNECTOR_PROXY_TEST_UNSET_PASSWORD")
         .output()
         .unwrap();
@@ -95,6 +96,7 @@ fn valid_configs_pass_and_list_connectors_without_secrets() {
     let mut files = fixtures("valid");
     assert!(files.len() >= 2);
     files.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/proxy.toml"));
+    files.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/container.toml"));
     for file in files {
         let (ok, stdout, stderr) = check(&file);
         assert!(ok, "{} refused:\n{stderr}", file.display());
@@ -105,6 +107,7 @@ fn valid_configs_pass_and_list_connectors_without_secrets() {
             "billing-secret",
             "legacy-password",
             "acme-inbound",
+            "container-inbound",
         ] {
             assert!(
                 !stdout.contains(secret) && !stderr.contains(secret),

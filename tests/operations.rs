@@ -598,3 +598,32 @@ async fn check_online_fetches_tokens_and_calls_validation_urls() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[tokio::test]
+async fn the_health_subcommand_asks_the_admin_listener() {
+    let world = World::new().await;
+    let proxy = world.start(&world.config("", ""));
+    let health = |admin: SocketAddr| {
+        std::process::Command::new(common::binary())
+            .args(["health", "--admin", &admin.to_string()])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let admin_addr = proxy.admin;
+    assert!(
+        tokio::task::spawn_blocking(move || health(admin_addr))
+            .await
+            .unwrap()
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    assert!(
+        !tokio::task::spawn_blocking(move || health(closed))
+            .await
+            .unwrap()
+    );
+}
