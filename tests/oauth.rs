@@ -96,6 +96,18 @@ fn connector(name: &str, client_id: &str, extra: &str) -> String {
     )
 }
 
+/// Registers `name` as a `client_secret_post` client and returns its connector.
+fn post_client(world: &World, name: &str) -> String {
+    world
+        .token
+        .register(name, Method::SecretPost("post-secret".into()));
+    connector(
+        name,
+        name,
+        "client_auth = \"client_secret_post\"\nclient_secret = \"post-secret\"",
+    )
+}
+
 fn assert_no_token_in_logs(proxy: &Proxy) {
     let logs = proxy.log_text();
     for secret in [
@@ -226,20 +238,9 @@ async fn every_grant_and_client_auth_method_obtains_a_bearer_token() {
 #[tokio::test]
 async fn a_thousand_simultaneous_first_requests_make_one_token_request() {
     let world = World::new().await;
-    world
-        .token
-        .register("crowd", Method::SecretPost("post-secret".into()));
     // Hold the token request long enough for every caller to arrive first.
     world.token.state.lock().unwrap().delay = Duration::from_millis(500);
-    let proxy = world.start(
-        "",
-        &connector(
-            "crowd",
-            "crowd",
-            "client_auth = \"client_secret_post\"\nclient_secret = \"post-secret\"",
-        ),
-        &[],
-    );
+    let proxy = world.start("", &post_client(&world, "crowd"), &[]);
     let addr = proxy.addr;
     let tasks: Vec<_> = (0..1000)
         .map(|_| {
@@ -260,19 +261,8 @@ async fn a_thousand_simultaneous_first_requests_make_one_token_request() {
 #[tokio::test]
 async fn tokens_are_refreshed_ahead_without_callers_waiting_and_never_sent_expired() {
     let world = World::new().await;
-    world
-        .token
-        .register("steady", Method::SecretPost("post-secret".into()));
     world.token.state.lock().unwrap().expires_in = Some(serde_json::json!(6));
-    let proxy = world.start(
-        "",
-        &connector(
-            "steady",
-            "steady",
-            "client_auth = \"client_secret_post\"\nclient_secret = \"post-secret\"",
-        ),
-        &[],
-    );
+    let proxy = world.start("", &post_client(&world, "steady"), &[]);
     let request = || get(proxy.addr, "/x", &[("x-connector-name", "steady")]);
     assert_eq!(request().await.status, 200);
     let first = world.token.issued_to("steady")[0].clone();
@@ -325,17 +315,10 @@ async fn tokens_are_refreshed_ahead_without_callers_waiting_and_never_sent_expir
 #[tokio::test]
 async fn a_response_without_expires_in_lives_default_expires_in() {
     let world = World::new().await;
-    world
-        .token
-        .register("plain", Method::SecretPost("post-secret".into()));
     world.token.state.lock().unwrap().expires_in = None;
     let proxy = world.start(
         "default_expires_in = \"2s\"",
-        &connector(
-            "plain",
-            "plain",
-            "client_auth = \"client_secret_post\"\nclient_secret = \"post-secret\"",
-        ),
+        &post_client(&world, "plain"),
         &[],
     );
     for _ in 0..12 {
@@ -359,37 +342,16 @@ async fn a_response_without_expires_in_lives_default_expires_in() {
 async fn token_endpoint_failures_map_to_their_codes_without_piling_up() {
     let world = World::new().await;
     let names = ["fail500", "html", "garbage", "refused", "stall", "recover"];
-    for name in names {
-        world
-            .token
-            .register(name, Method::SecretPost("post-secret".into()));
-    }
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut connectors: String = names
-        .iter()
-        .map(|n| {
-            connector(
-                n,
-                n,
-                "client_auth = \"client_secret_post\"\nclient_secret = \"post-secret\"",
-            )
-        })
-        .collect();
+    let mut connectors: String = names.iter().map(|n| post_client(&world, n)).collect();
     for (name, host) in [
         ("gone", "gone.example.com"),
         ("badcert", "badcert.example.com"),
     ] {
-        connectors.push_str(
-            &connector(
-                name,
-                name,
-                "client_auth = \"client_secret_post\"\nclient_secret = \"post-secret\"",
-            )
-            .replace("login.example.com", host),
-        );
+        connectors.push_str(&post_client(&world, name).replace("login.example.com", host));
     }
     let pins = format!(
         "\"gone.example.com:443\" = \"{closed}\"\n\"badcert.example.com:443\" = \"{}\"",
@@ -463,18 +425,11 @@ async fn token_endpoint_failures_map_to_their_codes_without_piling_up() {
 #[tokio::test]
 async fn a_401_drops_the_token_and_replays_a_small_body_once() {
     let world = World::new().await;
-    world
-        .token
-        .register("api", Method::SecretPost("post-secret".into()));
     let proxy = world.start_with(
         "",
         "max_replay_body = \"1KiB\"",
         "",
-        &connector(
-            "api",
-            "api",
-            "client_auth = \"client_secret_post\"\nclient_secret = \"post-secret\"",
-        ),
+        &post_client(&world, "api"),
         &[],
     );
     let post = |body: &'static [u8]| {
@@ -591,20 +546,8 @@ async fn password_grant_uses_its_refresh_token_and_falls_back_to_the_password() 
 #[tokio::test]
 async fn token_endpoints_obey_the_address_policy() {
     let world = World::new().await;
-    world
-        .token
-        .register("inside", Method::SecretPost("post-secret".into()));
     let config = world
-        .config(
-            "",
-            "",
-            "",
-            &connector(
-                "inside",
-                "inside",
-                "client_auth = \"client_secret_post\"\nclient_secret = \"post-secret\"",
-            ),
-        )
+        .config("", "", "", &post_client(&world, "inside"))
         .replace("allow_networks = [\"127.0.0.0/8\"]", "allow_networks = []");
     let proxy = world.start_config(&config, &[]);
     let answer = get(proxy.addr, "/x", &[("x-connector-name", "inside")]).await;
