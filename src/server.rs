@@ -74,6 +74,9 @@ impl Server {
     /// Serves until `shutdown` completes: then both listeners close at once (new connections
     /// are refused) and requests in flight get up to `server.shutdown_grace` to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        // Both listeners are bound and the configuration is loaded: ready before the admin
+        // listener can first be asked.
+        self.app.ready.store(true, Ordering::Release);
         let admin = tokio::spawn(serve_admin(self.admin, self.app.clone()));
         let reloads = tokio::spawn(reload_on_sighup(self.app.clone()));
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -90,7 +93,6 @@ impl Server {
             );
         let graceful = GracefulShutdown::new();
         self.app.validate_connectors();
-        self.app.ready.store(true, Ordering::Release);
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
