@@ -17,14 +17,10 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::CertificateDer;
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_rustls::TlsAcceptor;
 
-use super::{Leaf, Pki, install_provider};
+use super::{Leaf, Pki, install_provider, serve_tls};
 
 pub const TOKEN_PATH: &str = "/oauth2/token";
 
@@ -115,9 +111,6 @@ impl TokenServer {
             .with_single_cert(certs, key)
             .unwrap();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             mode: Mode::Normal,
             clients: HashMap::new(),
@@ -132,35 +125,11 @@ impl TokenServer {
             delay: Duration::ZERO,
         }));
         let token_url = format!("https://{TOKEN_HOST}{TOKEN_PATH}");
-        let shared = state.clone();
-        let audience = token_url.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let acceptor = acceptor.clone();
-                let state = shared.clone();
-                let audience = audience.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let peer = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| c.clone().into_owned());
-                    let service = service_fn(move |req| {
-                        answer(req, state.clone(), peer.clone(), audience.clone())
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
+        let (shared, audience) = (state.clone(), token_url.clone());
+        let (addr, task) = serve_tls(config, move |req, peer| {
+            answer(req, shared.clone(), peer, audience.clone())
+        })
+        .await;
         Self {
             addr,
             state,
