@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# Load comparison: connector-proxy against nginx doing the same job, and against a direct call,
+# all on loopback, in one run. Prints req/s, p50, p99 and the proxy's RSS, with ratios.
+#
+#   bash benches/load.sh                 # 10 s per run, 32 connections
+#   DURATION=5 CONNECTIONS=64 bash benches/load.sh
+#
+# The job (as in the performance issue): plain HTTP in, a static Basic Authorization added, HTTPS
+# out with keepalive, upstream certificate verified. The HTTPS upstream is nginx answering a
+# 2-byte body. The upstream and the proxy under test share core 0; wrk runs on core 1.
+# Installs nginx and wrk from the distribution when missing. Every run is bounded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-32}
+PROXY_CORE=${PROXY_CORE:-0}
+LOAD_CORE=${LOAD_CORE:-1}
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need nginx || ! need wrk; then
+    echo "installing nginx and wrk" >&2
+    if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx-light wrk >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release --quiet --bin connector-proxy
+PROXY_BIN=target/release/connector-proxy
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    [ -f "$work/nginx-up.pid" ] && kill "$(cat "$work/nginx-up.pid")" 2>/dev/null || true
+    [ -f "$work/nginx-px.pid" ] && kill "$(cat "$work/nginx-px.pid")" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+UP=$(free_port); NGX=$(free_port); CP=$(free_port); CPA=$(free_port)
+
+# A test CA and a certificate for crm.example.com, for this run only.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+    -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=crm.example.com" \
+    -keyout "$work/crm.key" -out "$work/crm.csr" 2>/dev/null
+printf 'subjectAltName=DNS:crm.example.com\n' >"$work/ext"
+openssl x509 -req -in "$work/crm.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+    -days 2 -extfile "$work/ext" -out "$work/crm.pem" 2>/dev/null
+
+BASIC=$(printf 'svc-flow:bench-password' | base64)
+
+# The HTTPS upstream: a 2-byte answer, and a token endpoint for the OAuth connector.
+cat >"$work/upstream.conf" <<EOF
+worker_processes 1;
+pid $work/nginx-up.pid;
+error_log $work/upstream-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$UP ssl;
+        http2 on;
+        ssl_certificate $work/crm.pem;
+        ssl_certificate_key $work/crm.key;
+        location = /oauth2/token {
+            default_type application/json;
+            return 200 '{"access_token":"bench-token","token_type":"Bearer","expires_in":3600}';
+        }
+        location / { default_type text/plain; return 200 "ok"; }
+    }
+}
+EOF
+# nginx 1.22 spells HTTP/2 on the listen line.
+sed -i "s|listen 127.0.0.1:$UP ssl;|listen 127.0.0.1:$UP ssl http2;|; /http2 on;/d" "$work/upstream.conf"
+
+# nginx as the same authenticating proxy.
+cat >"$work/proxy.conf" <<EOF
+worker_processes 1;
+pid $work/nginx-px.pid;
+error_log $work/proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    upstream crm { server 127.0.0.1:$UP; keepalive 64; }
+    server {
+        listen 127.0.0.1:$NGX;
+        location / {
+            proxy_pass https://crm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host crm.example.com;
+            proxy_set_header Authorization "Basic $BASIC";
+            proxy_ssl_server_name on;
+            proxy_ssl_name crm.example.com;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate $work/ca.pem;
+            proxy_ssl_session_reuse on;
+        }
+    }
+}
+EOF
+
+cat >"$work/connector-proxy.toml" <<EOF
+[server]
+listen = "127.0.0.1:$CP"
+admin_listen = "127.0.0.1:$CPA"
+
+[upstream]
+extra_ca_file = "ca.pem"
+allow_networks = ["127.0.0.0/8"]
+resolve = { "crm.example.com:443" = "127.0.0.1:$UP" }
+
+[orgs.bench.connectors.basic]
+auth = "basic"
+resource_domain = "https://crm.example.com"
+username = "svc-flow"
+password = "bench-password"
+
+[orgs.bench.connectors.oauth]
+auth = "oauth2"
+grant = "client_credentials"
+resource_domain = "https://crm.example.com"
+token_url = "https://crm.example.com/oauth2/token"
+client_id = "bench"
+client_secret = "bench-secret"
+EOF
+
+taskset -c "$PROXY_CORE" "$NGINX" -c "$work/upstream.conf" -p "$work" 2>/dev/null
+taskset -c "$PROXY_CORE" "$NGINX" -c "$work/proxy.conf" -p "$work" 2>/dev/null
+taskset -c "$PROXY_CORE" env RUST_LOG=warn "$PROXY_BIN" --config "$work/connector-proxy.toml" >"$work/cp.log" 2>&1 &
+pids+=($!)
+CP_PID=$!
+for _ in $(seq 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$CPA/readyz" && break
+    sleep 0.1
+done
+
+# The proxy's main process RSS in KiB.
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+nginx_pid() { cat "$work/nginx-px.pid"; }
+
+# run NAME CONNECTIONS wrk-args... -> "req/s p50_ms p99_ms"
+run() {
+    local name=$1 conns=$2; shift 2
+    local out
+    out=$(timeout $((DURATION + 30)) taskset -c "$LOAD_CORE" wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$@" 2>&1)
+    local errors
+    errors=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}')
+    [ -n "$errors" ] && echo "  $name: $errors" >&2
+    local rps p50 p99
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+    p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+    echo "$rps $(to_ms "$p50") $(to_ms "$p99")"
+}
+to_ms() {
+    case "$1" in
+        *us) awk -v v="${1%us}" 'BEGIN {printf "%.3f", v/1000}' ;;
+        *ms) awk -v v="${1%ms}" 'BEGIN {printf "%.3f", v}' ;;
+        *s) awk -v v="${1%s}" 'BEGIN {printf "%.3f", v*1000}' ;;
+        *) echo "nan" ;;
+    esac
+}
+
+# Warm each path once (pools, TLS sessions, the OAuth token).
+curl -s -o /dev/null -k --resolve "crm.example.com:$UP:127.0.0.1" "https://crm.example.com:$UP/"
+curl -s -o /dev/null "http://127.0.0.1:$NGX/"
+curl -s -o /dev/null -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/"
+curl -s -o /dev/null -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/"
+
+# wrk cannot verify certificates or set SNI per host; the direct baseline is HTTPS to the upstream.
+direct=$(run direct "$CONNECTIONS" -H 'Host: crm.example.com' "https://127.0.0.1:$UP/")
+ngx=$(run nginx "$CONNECTIONS" "http://127.0.0.1:$NGX/")
+ngx_rss=$(rss "$(nginx_pid)")
+basic=$(run basic "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
+oauth=$(run oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/")
+cp_rss=$(rss "$CP_PID")
+
+# Light load: one connection, for added latency.
+direct1=$(run direct1 1 -H 'Host: crm.example.com' "https://127.0.0.1:$UP/")
+ngx1=$(run nginx1 1 "http://127.0.0.1:$NGX/")
+basic1=$(run basic1 1 -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
+
+row() {
+    local name=$1 res=$2 rss=$3
+    read -r rps p50 p99 <<<"$res"
+    read -r nrps _ np99 <<<"$ngx"
+    read -r drps _ _ <<<"$direct"
+    awk -v n="$name" -v r="$rps" -v a="$p50" -v b="$p99" -v m="$rss" -v nr="$nrps" -v dr="$drps" -v np="$np99" \
+        'BEGIN {printf "| %-24s | %9.0f | %7.3f | %7.3f | %8s | %6.2fx | %6.2fx | %6.2fx |\n", n, r, a, b, m, r/nr, r/dr, b/np}'
+}
+echo
+echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); kernel $(uname -r)"
+echo "$CONNECTIONS connections, ${DURATION}s per run, upstream and proxy on core $PROXY_CORE, wrk on core $LOAD_CORE"
+echo
+echo "| path                     |     req/s | p50 ms  | p99 ms  | RSS KiB  | vs nginx | vs direct | p99 vs nginx |"
+echo "| ------------------------ | --------: | ------: | ------: | -------: | -------: | --------: | -----------: |"
+row "direct HTTPS (baseline)" "$direct" "-"
+row "nginx (Basic)" "$ngx" "$ngx_rss"
+row "connector-proxy (Basic)" "$basic" "$cp_rss"
+row "connector-proxy (OAuth)" "$oauth" "$cp_rss"
+echo
+read -r _ d50 _ <<<"$direct1"; read -r _ n50 _ <<<"$ngx1"; read -r _ b50 _ <<<"$basic1"
+awk -v d="$d50" -v n="$n50" -v b="$b50" 'BEGIN {
+    printf "1 connection, p50: direct %.3f ms, nginx %.3f ms (+%.0f us), connector-proxy %.3f ms (+%.0f us)\n", d, n, (n-d)*1000, b, (b-d)*1000 }'
