@@ -4,6 +4,7 @@
 #
 #   bash benches/load.sh                 # 10 s per run, 32 connections
 #   DURATION=5 CONNECTIONS=64 bash benches/load.sh
+#   PROFILE=/tmp/cp.perf bash benches/load.sh   # also perf-record connector-proxy's Basic run
 #
 # The job (as in the performance issue): plain HTTP in, a static Basic Authorization added, HTTPS
 # out with keepalive, upstream certificate verified. The HTTPS upstream is nginx answering a
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 CONNECTIONS=${CONNECTIONS:-32}
 PROXY_CORE=${PROXY_CORE:-0}
+UPSTREAM_HTTP2=${UPSTREAM_HTTP2:-1}   # 0: the upstream offers only HTTP/1.1 (as nginx proxies to it)
 LOAD_CORE=${LOAD_CORE:-1}
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -76,7 +78,10 @@ http {
 }
 EOF
 # nginx 1.22 spells HTTP/2 on the listen line.
-sed -i "s|listen 127.0.0.1:$UP ssl;|listen 127.0.0.1:$UP ssl http2;|; /http2 on;/d" "$work/upstream.conf"
+if [ "$UPSTREAM_HTTP2" = 1 ]; then
+    sed -i "s|listen 127.0.0.1:$UP ssl;|listen 127.0.0.1:$UP ssl http2;|" "$work/upstream.conf"
+fi
+sed -i "/http2 on;/d" "$work/upstream.conf"
 
 # nginx as the same authenticating proxy.
 cat >"$work/proxy.conf" <<EOF
@@ -178,7 +183,15 @@ curl -s -o /dev/null -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/"
 direct=$(run direct "$CONNECTIONS" -H 'Host: crm.example.com' "https://127.0.0.1:$UP/")
 ngx=$(run nginx "$CONNECTIONS" "http://127.0.0.1:$NGX/")
 ngx_rss=$(rss "$(nginx_pid)")
+if [ -n "${PROFILE:-}" ]; then
+    perf record -F 999 -g -p "$CP_PID" -o "$PROFILE" -- sleep "$DURATION" >/dev/null 2>&1 &
+    perf_pid=$!
+fi
 basic=$(run basic "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
+if [ -n "${PROFILE:-}" ]; then
+    wait "$perf_pid" || true
+    echo "profile written to $PROFILE: perf report -i $PROFILE --no-children --sort symbol" >&2
+fi
 oauth=$(run oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/")
 cp_rss=$(rss "$CP_PID")
 
@@ -197,7 +210,7 @@ row() {
 }
 echo
 echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); kernel $(uname -r)"
-echo "$CONNECTIONS connections, ${DURATION}s per run, upstream and proxy on core $PROXY_CORE, wrk on core $LOAD_CORE"
+echo "$CONNECTIONS connections, ${DURATION}s per run, upstream and proxy on core $PROXY_CORE, wrk on core $LOAD_CORE, upstream offers h2: $UPSTREAM_HTTP2"
 echo
 echo "| path                     |     req/s | p50 ms  | p99 ms  | RSS KiB  | vs nginx | vs direct | p99 vs nginx |"
 echo "| ------------------------ | --------: | ------: | ------: | -------: | -------: | --------: | -----------: |"

@@ -229,8 +229,12 @@ impl Routes {
         let upstream_started = Instant::now();
         let mut response = match kept {
             Err(body) => {
-                self.send(&parts, Either::Left(body), authorization.clone())
-                    .await?
+                // Sent once: the request's own parts go upstream, nothing is copied.
+                let mut request = Request::from_parts(parts, Either::Left(body));
+                request
+                    .headers_mut()
+                    .insert(header::AUTHORIZATION, authorization.clone());
+                self.upstream.send(request).await?
             }
             Ok(body) => {
                 let first = self
@@ -263,6 +267,7 @@ impl Routes {
         Ok(response)
     }
 
+    /// Sends a copy of `parts`, for a request that may go twice.
     async fn send(
         &self,
         parts: &http::request::Parts,
