@@ -195,6 +195,13 @@ fi
 oauth=$(run oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/")
 cp_rss=$(rss "$CP_PID")
 
+# Memory with 1,000 keepalive client connections (short run; wrk holds them open).
+many=$(run basic1000 1000 -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
+cp_rss_1000=$(rss "$CP_PID")
+cp_hwm=$(awk '/VmHWM/ {print $2}' "/proc/$CP_PID/status")
+many_ngx=$(run nginx1000 1000 "http://127.0.0.1:$NGX/")
+ngx_rss_1000=$(rss "$(nginx_pid)")
+
 # Light load: one connection, for added latency.
 direct1=$(run direct1 1 -H 'Host: crm.example.com' "https://127.0.0.1:$UP/")
 ngx1=$(run nginx1 1 "http://127.0.0.1:$NGX/")
@@ -219,6 +226,8 @@ row "nginx (Basic)" "$ngx" "$ngx_rss"
 row "connector-proxy (Basic)" "$basic" "$cp_rss"
 row "connector-proxy (OAuth)" "$oauth" "$cp_rss"
 echo
+read -r m_rps _ m_p99 <<<"$many"; read -r mn_rps _ mn_p99 <<<"$many_ngx"
+echo "1000 connections: connector-proxy $m_rps req/s (p99 $m_p99 ms), RSS $cp_rss_1000 KiB (peak $cp_hwm KiB); nginx $mn_rps req/s (p99 $mn_p99 ms), worker RSS $ngx_rss_1000 KiB"
 read -r _ d50 _ <<<"$direct1"; read -r _ n50 _ <<<"$ngx1"; read -r _ b50 _ <<<"$basic1"
 awk -v d="$d50" -v n="$n50" -v b="$b50" 'BEGIN {
     printf "1 connection, p50: direct %.3f ms, nginx %.3f ms (+%.0f us), connector-proxy %.3f ms (+%.0f us)\n", d, n, (n-d)*1000, b, (b-d)*1000 }'
