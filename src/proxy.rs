@@ -93,6 +93,8 @@ impl Proxy {
         let started = Instant::now();
         let inflight = InflightGuard::new(&self.metrics.inflight);
         let request_id = request_id(request.headers());
+        // Printable ASCII by construction (see `request_id`).
+        let id = request_id.to_str().unwrap_or_default();
         let method = request.method().clone();
         let routes = self.routes.load_full();
         let mut trace = Trace::default();
@@ -108,21 +110,17 @@ impl Proxy {
                 None,
             ),
             Err(e) => {
-                let response = error::response(
-                    &e,
-                    trace.org.as_deref(),
-                    trace.connector.as_deref(),
-                    &request_id,
-                );
+                let response =
+                    error::response(&e, trace.org.as_deref(), trace.connector.as_deref(), id);
                 (
                     response.map(|b| ResponseBody::new(Either::Right(b), None, inflight)),
                     Some(e.code()),
                 )
             }
         };
-        if let Ok(value) = HeaderValue::try_from(request_id.as_str()) {
-            response.headers_mut().insert(X_REQUEST_ID, value);
-        }
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID, request_id.clone());
         let elapsed = started.elapsed();
         let status = response.status().as_u16();
         let (org, connector) = match (&trace.org, &trace.connector, trace.known) {
@@ -142,7 +140,7 @@ impl Proxy {
             .observe(elapsed.as_secs_f64());
         tracing::info!(
             target: "connector_proxy::access",
-            request_id = %request_id,
+            request_id = %id,
             org = trace.org.as_deref().unwrap_or("-"),
             connector = trace.connector.as_deref().unwrap_or("-"),
             method = %method,
@@ -162,7 +160,7 @@ impl Routes {
     async fn forward(
         &self,
         request: Request<Incoming>,
-        request_id: &str,
+        request_id: &HeaderValue,
         trace: &mut Trace,
     ) -> Result<Response<Incoming>, ProxyError> {
         if request.method() == Method::CONNECT {
@@ -216,9 +214,7 @@ impl Routes {
 
         let (mut parts, body) = request.into_parts();
         rewrite_request_headers(&mut parts.headers, &self.connector_header, &self.org_header);
-        if let Ok(id) = HeaderValue::try_from(request_id) {
-            parts.headers.insert(X_REQUEST_ID, id);
-        }
+        parts.headers.insert(X_REQUEST_ID, request_id.clone());
         parts.uri = target.uri;
         // Where a new token could help, keep a small body so that a 401 can be answered by
         // sending the request once more.
@@ -413,18 +409,21 @@ pub fn rewrite_request_headers(
     }
 }
 
-/// The caller's `X-Request-Id` when it is a short printable token, else a new one.
-fn request_id(headers: &HeaderMap) -> String {
-    if let Some(id) = headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
-            return id.to_owned();
+/// The caller's `X-Request-Id` when it is a short printable token, else a new one. Made once
+/// per request, as the header value that goes upstream and back to the caller.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(X_REQUEST_ID) {
+        let bytes = id.as_bytes();
+        if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(u8::is_ascii_graphic) {
+            return id.clone();
         }
     }
     static SEED: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let seed = *SEED.get_or_init(|| RandomState::new().hash_one(std::process::id()));
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:016x}", splitmix64(seed.wrapping_add(n)))
+    let id = format!("{:016x}", splitmix64(seed.wrapping_add(n)));
+    HeaderValue::try_from(id).expect("hex digits are a valid header value")
 }
 
 /// A bijective mixer: distinct counters give distinct ids that do not look sequential.
