@@ -11,7 +11,7 @@ use http_body_util::Full;
 use serde_json::{Value, json};
 
 use crate::app::App;
-use crate::config::{AuthConfig, Grant};
+use crate::config::AuthConfig;
 use crate::credentials::Credentials;
 use crate::metrics::connector_labels;
 use crate::registry::{Connector, Validation};
@@ -84,25 +84,18 @@ fn unix(at: SystemTime) -> f64 {
 /// field through which a secret could pass.
 fn status(app: &App) -> Value {
     let routes = app.proxy.routes();
-    let mut orgs: Vec<Value> = routes
+    let orgs: Vec<Value> = routes
         .registry
         .orgs()
+        .into_iter()
         .map(|org| {
-            let mut connectors: Vec<&std::sync::Arc<Connector>> = routes
-                .registry
-                .connectors()
-                .into_iter()
-                .filter(|c| c.org == org.name)
-                .collect();
-            connectors.sort_by(|a, b| a.name.cmp(&b.name));
             json!({
                 "org": org.name,
                 "inbound_token": org.inbound_token.is_some(),
-                "connectors": connectors.iter().map(|c| connector_status(c)).collect::<Vec<_>>(),
+                "connectors": org.connectors().into_iter().map(|c| connector_status(c)).collect::<Vec<_>>(),
             })
         })
         .collect();
-    orgs.sort_by(|a, b| a["org"].as_str().cmp(&b["org"].as_str()));
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "config": app.config_path,
@@ -118,11 +111,8 @@ fn connector_status(c: &Connector) -> Value {
         "resource_domain": c.resource_domain.to_string(),
     });
     if let AuthConfig::OAuth2(client) = &c.config.auth {
-        out["grant"] = json!(match client.grant {
-            Grant::ClientCredentials => "client_credentials",
-            Grant::Password { .. } => "password",
-        });
-        out["client_auth"] = json!(client_auth_name(client.client_auth.kind()));
+        out["grant"] = json!(client.grant_kind().as_str());
+        out["client_auth"] = json!(client.client_auth.kind().as_str());
         out["token_url"] = json!(client.token_url.to_string());
     }
     if let Credentials::OAuth(source) = &c.credentials {
@@ -144,16 +134,6 @@ fn connector_status(c: &Connector) -> Value {
         }
     };
     out
-}
-
-fn client_auth_name(kind: crate::config::ClientAuthKind) -> &'static str {
-    use crate::config::ClientAuthKind::*;
-    match kind {
-        ClientSecretBasic => "client_secret_basic",
-        ClientSecretPost => "client_secret_post",
-        PrivateKeyJwt => "private_key_jwt",
-        TlsClientAuth => "tls_client_auth",
-    }
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

@@ -152,23 +152,27 @@ impl Registry {
 
     /// Every connector, ordered by org and name.
     pub fn connectors(&self) -> Vec<&Arc<Connector>> {
-        let mut all: Vec<_> = self
-            .orgs
-            .values()
-            .flat_map(|o| o.connectors.values())
-            .collect();
-        all.sort_by(|a, b| (&a.org, &a.name).cmp(&(&b.org, &b.name)));
-        all
+        self.orgs().into_iter().flat_map(Org::connectors).collect()
     }
 
-    pub fn orgs(&self) -> impl Iterator<Item = &Org> {
-        self.orgs.values()
+    /// Every org, ordered by name.
+    pub fn orgs(&self) -> Vec<&Org> {
+        let mut orgs: Vec<_> = self.orgs.values().collect();
+        orgs.sort_by(|a, b| a.name.cmp(&b.name));
+        orgs
     }
 }
 
 impl Org {
     pub fn connector(&self, name: &str) -> Option<&Arc<Connector>> {
         self.connectors.get(name)
+    }
+
+    /// This org's connectors, ordered by name.
+    pub fn connectors(&self) -> Vec<&Arc<Connector>> {
+        let mut connectors: Vec<_> = self.connectors.values().collect();
+        connectors.sort_by(|a, b| a.name.cmp(&b.name));
+        connectors
     }
 }
 

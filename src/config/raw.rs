@@ -165,6 +165,28 @@ pub enum ClientAuthKind {
     TlsClientAuth,
 }
 
+impl GrantKind {
+    /// As written in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientCredentials => "client_credentials",
+            Self::Password => "password",
+        }
+    }
+}
+
+impl ClientAuthKind {
+    /// As written in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientSecretBasic => "client_secret_basic",
+            Self::ClientSecretPost => "client_secret_post",
+            Self::PrivateKeyJwt => "private_key_jwt",
+            Self::TlsClientAuth => "tls_client_auth",
+        }
+    }
+}
+
 /// JWS algorithms for `private_key_jwt` client assertions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum AssertionAlg {
