@@ -67,10 +67,6 @@ impl Server {
         self.admin.local_addr()
     }
 
-    pub fn app(&self) -> &Arc<App> {
-        &self.app
-    }
-
     /// Serves until `shutdown` completes: then both listeners close at once (new connections
     /// are refused) and requests in flight get up to `server.shutdown_grace` to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {

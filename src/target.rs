@@ -98,15 +98,6 @@ impl ResourceDomain {
         })
     }
 
-    /// The canonical host, as sent in `Host` and used for pins and logs.
-    pub fn host(&self) -> String {
-        self.host.to_string()
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// Applies the rule to a request target (absolute-form or origin-form).
     pub fn resolve(&self, target: &Uri) -> Result<Target, TargetError> {
         let path = if target.scheme().is_some() {

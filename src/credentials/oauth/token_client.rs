@@ -95,10 +95,6 @@ impl TokenEndpoint {
         }
     }
 
-    pub fn client(&self) -> &OAuthClient {
-        &self.client
-    }
-
     pub async fn request(&self, grant: GrantRequest<'_>) -> Result<Issued, TokenError> {
         let request = self.build(grant)?;
         let exchange = async {
