@@ -132,9 +132,9 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
             let how = match &c.auth {
                 AuthConfig::Basic { username, .. } => format!("basic, username {username}"),
                 AuthConfig::OAuth2(o) => format!(
-                    "oauth2 {:?} {:?}, token_url {}",
-                    o.grant_kind(),
-                    o.client_auth.kind(),
+                    "oauth2 {} {}, token_url {}",
+                    o.grant_kind().as_str(),
+                    o.client_auth.kind().as_str(),
                     o.token_url
                 ),
             };
