@@ -1,0 +1,196 @@
+//! One whole request, paired: a client calling the TLS upstream directly, and the same call
+//! through connector-proxy's server running in-process (Basic, and OAuth with a cached token).
+//! Every variant keeps one keepalive connection open, sends requests one after another and
+//! reads the 2-byte answer, so the difference between them is what the proxy adds per request.
+//! All peers listen on 127.0.0.1 and share this process's runtime.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use common::token::{Method, TokenServer};
+use common::{Pki, install_provider, serve_tls};
+use connector_proxy::config::Config;
+use connector_proxy::server::Server;
+
+const HOST: &str = "api.example.com";
+
+struct Peers {
+    runtime: tokio::runtime::Runtime,
+    upstream: SocketAddr,
+    proxy: SocketAddr,
+    ca: rustls::RootCertStore,
+    _dir: tempfile::TempDir,
+    _token: TokenServer,
+}
+
+fn start() -> Peers {
+    install_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pki = Pki::new();
+    let leaf = pki.leaf(&[HOST]);
+    let (upstream, token, proxy, dir) = runtime.block_on(async {
+        // The upstream task serves until the runtime is dropped at the end of the run.
+        let (upstream, _task) = serve_tls(server_config(&leaf), |_req, _peer| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        })
+        .await;
+        let token = TokenServer::start(&pki).await;
+        token.register("bench", Method::SecretBasic("bench-secret".into()));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), pki.ca_pem()).unwrap();
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[upstream]
+extra_ca_file = "ca.pem"
+allow_networks = ["127.0.0.0/8"]
+resolve = {{ "{HOST}:443" = "{upstream}", "login.example.com:443" = "{token}" }}
+
+[orgs.acme.connectors.basic]
+auth = "basic"
+resource_domain = "https://{HOST}"
+username = "svc"
+password = "bench-password"
+
+[orgs.acme.connectors.oauth]
+auth = "oauth2"
+grant = "client_credentials"
+resource_domain = "https://{HOST}"
+token_url = "https://login.example.com/oauth2/token"
+client_id = "bench"
+client_secret = "bench-secret"
+"#,
+            token = token.addr,
+        );
+        let path = dir.path().join("proxy.toml");
+        let config = Config::parse(&text, &path).unwrap();
+        let server = Server::bind(&config).await.unwrap();
+        let proxy = server.local_addr().unwrap();
+        tokio::spawn(server.run(std::future::pending()));
+        (upstream, token, proxy, dir)
+    });
+    use rustls_pki_types::pem::PemObject;
+    let mut ca = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes()) {
+        ca.add(cert.unwrap()).unwrap();
+    }
+    Peers {
+        runtime,
+        upstream,
+        proxy,
+        ca,
+        _dir: dir,
+        _token: token,
+    }
+}
+
+fn server_config(leaf: &common::Leaf) -> rustls::ServerConfig {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config
+}
+
+/// An HTTP/1.1 keepalive connection: over TLS to the upstream, or plain to the proxy.
+async fn connect(peers: &Peers, direct: bool) -> SendRequest<Empty<Bytes>> {
+    if direct {
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(peers.ca.clone())
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(peers.upstream).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(HOST.try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        handshake(TokioIo::new(tls)).await
+    } else {
+        let tcp = TcpStream::connect(peers.proxy).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        handshake(TokioIo::new(tcp)).await
+    }
+}
+
+async fn handshake<T>(io: T) -> SendRequest<Empty<Bytes>>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn call(sender: &mut SendRequest<Empty<Bytes>>, connector: Option<&str>) {
+    let mut request = Request::builder().uri("/contacts/42").header("host", HOST);
+    if let Some(name) = connector {
+        request = request.header("x-connector-name", name);
+    }
+    sender.ready().await.unwrap();
+    let response = sender
+        .send_request(request.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+}
+
+fn whole_request(c: &mut Criterion) {
+    let peers = start();
+    let mut group = c.benchmark_group("whole_request");
+    for (name, connector) in [
+        ("direct", None),
+        ("proxy_basic", Some("basic")),
+        ("proxy_oauth_cached", Some("oauth")),
+    ] {
+        let mut sender = peers.runtime.block_on(connect(&peers, connector.is_none()));
+        // The first OAuth call fetches the token; the benchmark measures the cached path.
+        peers.runtime.block_on(call(&mut sender, connector));
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                peers.runtime.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        call(&mut sender, connector).await;
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(5));
+    targets = whole_request
+}
+criterion_main!(benches);
