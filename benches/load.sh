@@ -18,6 +18,8 @@ CONNECTIONS=${CONNECTIONS:-32}
 PROXY_CORE=${PROXY_CORE:-0}
 UPSTREAM_HTTP2=${UPSTREAM_HTTP2:-1}   # 0: the upstream offers only HTTP/1.1 (as nginx proxies to it)
 LOAD_CORE=${LOAD_CORE:-1}
+PROXY_ENV=${PROXY_ENV:-}              # e.g. PROXY_ENV=MALLOC_ARENA_MAX=2, for experiments
+PROXY_WRAP=${PROXY_WRAP:-}            # e.g. PROXY_WRAP=heaptrack (RSS figures are then the wrapper's)
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need wrk; then
@@ -138,7 +140,7 @@ EOF
 
 taskset -c "$PROXY_CORE" "$NGINX" -c "$work/upstream.conf" -p "$work" 2>/dev/null
 taskset -c "$PROXY_CORE" "$NGINX" -c "$work/proxy.conf" -p "$work" 2>/dev/null
-taskset -c "$PROXY_CORE" env RUST_LOG=warn "$PROXY_BIN" --config "$work/connector-proxy.toml" >"$work/cp.log" 2>&1 &
+taskset -c "$PROXY_CORE" env RUST_LOG=warn $PROXY_ENV $PROXY_WRAP "$PROXY_BIN" --config "$work/connector-proxy.toml" >"$work/cp.log" 2>&1 &
 pids+=($!)
 CP_PID=$!
 for _ in $(seq 100); do
@@ -148,7 +150,8 @@ done
 
 # The proxy's main process RSS in KiB.
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-nginx_pid() { cat "$work/nginx-px.pid"; }
+# nginx's proxy worker (the pid file names the master, which holds no connections).
+nginx_pid() { pgrep -P "$(cat "$work/nginx-px.pid")" | head -1; }
 
 # run NAME CONNECTIONS wrk-args... -> "req/s p50_ms p99_ms"
 run() {
@@ -195,12 +198,25 @@ fi
 oauth=$(run oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/")
 cp_rss=$(rss "$CP_PID")
 
-# Memory with 1,000 keepalive client connections (short run; wrk holds them open).
+# Memory with 1,000 client connections: first 1,000 idle keepalive connections that have each
+# made one request, then sampled halfway through a busy run (wrk holds them open).
+idle() { # idle PORT HEADER -> RSS KiB of PID while 1,000 keepalive connections sit idle
+    taskset -c "$LOAD_CORE" python3 benches/idle_connections.py "$1" "$2" 1000 3 &
+    local client=$!
+    sleep 2.5
+    rss "$3"
+    wait "$client"
+}
+cp_idle=$(idle "$CP" 'X-Connector-Name: basic' "$CP_PID")
+ngx_idle=$(idle "$NGX" 'X-Unused: 1' "$(nginx_pid)")
+rss_midway() { sleep "$(awk -v d="$DURATION" 'BEGIN {print d/2}')"; rss "$1" >"$2"; }
+rss_midway "$CP_PID" "$work/cp-busy" &
 many=$(run basic1000 1000 -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
-cp_rss_1000=$(rss "$CP_PID")
+cp_rss_1000=$(cat "$work/cp-busy")
 cp_hwm=$(awk '/VmHWM/ {print $2}' "/proc/$CP_PID/status")
+rss_midway "$(nginx_pid)" "$work/ngx-busy" &
 many_ngx=$(run nginx1000 1000 "http://127.0.0.1:$NGX/")
-ngx_rss_1000=$(rss "$(nginx_pid)")
+ngx_rss_1000=$(cat "$work/ngx-busy")
 
 # Light load: one connection, for added latency.
 direct1=$(run direct1 1 -H 'Host: crm.example.com' "https://127.0.0.1:$UP/")
@@ -227,7 +243,8 @@ row "connector-proxy (Basic)" "$basic" "$cp_rss"
 row "connector-proxy (OAuth)" "$oauth" "$cp_rss"
 echo
 read -r m_rps _ m_p99 <<<"$many"; read -r mn_rps _ mn_p99 <<<"$many_ngx"
-echo "1000 connections: connector-proxy $m_rps req/s (p99 $m_p99 ms), RSS $cp_rss_1000 KiB (peak $cp_hwm KiB); nginx $mn_rps req/s (p99 $mn_p99 ms), worker RSS $ngx_rss_1000 KiB"
+echo "1000 busy connections: connector-proxy $m_rps req/s (p99 $m_p99 ms), RSS $cp_rss_1000 KiB (peak $cp_hwm KiB); nginx $mn_rps req/s (p99 $mn_p99 ms), worker RSS $ngx_rss_1000 KiB"
+echo "1000 idle keepalive connections: connector-proxy RSS $cp_idle KiB; nginx worker RSS $ngx_idle KiB"
 read -r _ d50 _ <<<"$direct1"; read -r _ n50 _ <<<"$ngx1"; read -r _ b50 _ <<<"$basic1"
 awk -v d="$d50" -v n="$n50" -v b="$b50" 'BEGIN {
     printf "1 connection, p50: direct %.3f ms, nginx %.3f ms (+%.0f us), connector-proxy %.3f ms (+%.0f us)\n", d, n, (n-d)*1000, b, (b-d)*1000 }'

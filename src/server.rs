@@ -107,7 +107,9 @@ impl Server {
             let app = self.app.clone();
             let service = service_fn(move |request| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(app.proxy.handle(request).await) }
+                // Boxed: hyper keeps room for the service's future in every connection, busy
+                // or idle; a box is 8 bytes there instead of the 3.4 KiB request state machine.
+                Box::pin(async move { Ok::<_, Infallible>(app.proxy.handle(request).await) })
             });
             let connection = builder
                 .serve_connection(TokioIo::new(stream), service)
