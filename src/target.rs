@@ -163,7 +163,7 @@ impl ResourceDomain {
                 "the target's host is not the resource domain's",
             ));
         }
-        if authority.port_u16().unwrap_or(443) != self.port {
+        if explicit_port(authority.as_str())?.unwrap_or(443) != self.port {
             return Err(TargetError::Outside(
                 "the target's port is not the resource domain's",
             ));
@@ -215,6 +215,25 @@ impl fmt::Display for ResourceDomain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "https://{}{}", self.authority(), self.base_path)
     }
+}
+
+/// The port written after the host, if any. `http` accepts any URI characters there and its
+/// `port_u16` answers `None` for what is not a number, which would read as the default port.
+fn explicit_port(authority: &str) -> Result<Option<u16>, TargetError> {
+    // Userinfo is refused before this; an IPv6 host's colons are inside its brackets.
+    let after_host = authority
+        .rfind(']')
+        .map_or(authority, |i| &authority[i + 1..]);
+    let Some((_, digits)) = after_host.rsplit_once(':') else {
+        return Ok(None);
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(TargetError::Malformed("the target's port is not a number"));
+    }
+    digits
+        .parse()
+        .map(Some)
+        .map_err(|_| TargetError::Malformed("the target's port is above 65535"))
 }
 
 /// Lower-cased, IDNA-mapped (done by `Host::parse`) and without a trailing dot.

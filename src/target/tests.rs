@@ -190,3 +190,34 @@ fn resource_domain_must_be_plain_https() {
         "https://a.example/x/y"
     );
 }
+
+#[test]
+fn a_port_must_be_a_number_within_range() {
+    let d = domain("https://a.example");
+    for target in [
+        "https://a.example:/x",
+        "https://a.example:44x/x",
+        "https://a.example:+443/x",
+        "https://a.example:65979/x",
+    ] {
+        assert!(
+            matches!(
+                d.resolve(&target.parse().unwrap()),
+                Err(TargetError::Malformed(_))
+            ),
+            "{target}"
+        );
+    }
+    for target in ["https://a.example:443/x", "https://a.example:00443/x"] {
+        assert_eq!(
+            d.resolve(&target.parse().unwrap()).unwrap().uri,
+            "https://a.example/x"
+        );
+    }
+    let v6 = domain("https://[::1]:8443");
+    assert!(v6.resolve(&"https://[::1]:8443/x".parse().unwrap()).is_ok());
+    assert!(matches!(
+        v6.resolve(&"https://[::1]/x".parse().unwrap()),
+        Err(TargetError::Outside(_))
+    ));
+}
