@@ -325,9 +325,13 @@ fn authenticate(org: &Org, headers: &HeaderMap) -> Result<(), ProxyError> {
     let Some(expected) = &org.inbound_token else {
         return Ok(());
     };
-    let presented = headers
-        .get(header::PROXY_AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    // Exactly one: with two, which one a hop in between would have checked is anyone's guess.
+    let presented = match single_header(headers, &header::PROXY_AUTHORIZATION) {
+        Header::One(value) => Some(value),
+        Header::Missing | Header::Many => None,
+    };
+    let presented = presented
+        .as_deref()
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
@@ -361,8 +365,9 @@ fn single_header(headers: &HeaderMap, name: &HeaderName) -> Header {
     }
 }
 
-/// Headers that belong to one hop (RFC 9110 7.6.1) plus the proxy's own.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that belong to one hop (RFC 9110 7.6.1; HTTP2-Settings, RFC 7540 3.2.1) plus the
+/// proxy's own.
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::TE,
@@ -371,6 +376,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
     HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Removes hop-by-hop headers, including those the `Connection` header lists.
