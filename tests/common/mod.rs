@@ -475,3 +475,60 @@ pub fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
     std::fs::write(&path, content).unwrap();
     path
 }
+
+/// What came back for a raw request: the status line's code, the headers as (lower-case name,
+/// value) and the body as sent (not de-chunked). `status` is 0 when the connection closed
+/// without an answer.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Writes `request` byte for byte on a new connection and reads until the proxy closes it
+/// (send `Connection: close`) or `limit` passes.
+pub async fn raw(addr: SocketAddr, request: &[u8], limit: Duration) -> RawAnswer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    // A refusal may come (and the connection close) before all of a large request is written.
+    let _ = tcp.write_all(request).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(limit, tcp.read_to_end(&mut buf)).await;
+    parse_raw(&buf)
+}
+
+pub fn parse_raw(buf: &[u8]) -> RawAnswer {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return RawAnswer {
+            status: 0,
+            headers: Vec::new(),
+            body: buf.to_vec(),
+        };
+    };
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    RawAnswer {
+        status,
+        headers,
+        body: buf[end + 4..].to_vec(),
+    }
+}
