@@ -6,8 +6,8 @@
 //!
 //! A path passes only when it lies under the resource domain's path under two readings:
 //! literally (segments split on `/`, dot-segments removed, `%2e` counted as `.`), and as a
-//! decoding server might read it (`%2f`, `%5c` and `\` also split segments, `;params` are
-//! ignored when spotting dot-segments, as Tomcat does). The forwarded path has its
+//! decoding server might read it (`%2f`, `%5c` and `\` also split segments, `;params` (also
+//! written `%3b`) are ignored when spotting dot-segments, as Tomcat does). The forwarded path has its
 //! dot-segments removed, so an upstream that normalises again cannot climb out either.
 
 use std::fmt;
@@ -179,15 +179,6 @@ impl ResourceDomain {
                 "the target's path is not under the resource domain's path",
             ));
         }
-        let decoded = decode_separators(path);
-        let lenient = remove_dot_segments(decoded.split('/').skip(1), |s| {
-            s.split(';').next().unwrap_or("")
-        });
-        if !starts_with_segments(&lenient.segments, &self.base) {
-            return Err(TargetError::Outside(
-                "the target's path leaves the resource domain's path once decoded",
-            ));
-        }
         let mut out = String::with_capacity(path.len());
         for segment in &literal.segments {
             out.push('/');
@@ -196,7 +187,24 @@ impl ResourceDomain {
         if literal.trailing_slash || out.is_empty() {
             out.push('/');
         }
+        // Both what was asked and what is sent: removing dot-segments literally can change how
+        // a decoding server reads the rest ("/v2/..%5c/..%2f../../x" becomes "/v2/..%5c/x").
+        for checked in [path, out.as_str()] {
+            if !self.inside_when_decoded(checked) {
+                return Err(TargetError::Outside(
+                    "the target's path leaves the resource domain's path once decoded",
+                ));
+            }
+        }
         Ok(out)
+    }
+
+    fn inside_when_decoded(&self, path: &str) -> bool {
+        let decoded = decode_separators(path);
+        let lenient = remove_dot_segments(decoded.split('/').skip(1), |s| {
+            s.split(';').next().unwrap_or("")
+        });
+        starts_with_segments(&lenient.segments, &self.base)
     }
 }
 
@@ -302,20 +310,23 @@ fn dot_kind(segment: &str) -> u8 {
     dots
 }
 
-/// The path as a server that decodes `%2f`, `%5c` and treats `\` as `/` would see it.
+/// The path as a server that decodes `%2f`, `%5c` and `%3b` and treats `\` as `/` would see it.
 fn decode_separators(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     let mut rest = path;
     while let Some(i) = rest.find(['%', '\\']) {
         out.push_str(&rest[..i]);
         let tail = &rest.as_bytes()[i..];
-        let encoded = tail.len() >= 3
-            && (tail[1..3].eq_ignore_ascii_case(b"2f") || tail[1..3].eq_ignore_ascii_case(b"5c"));
+        let code = tail.get(1..3).unwrap_or_default();
         let skip = if tail[0] == b'\\' {
             out.push('/');
             1
-        } else if encoded {
+        } else if code.eq_ignore_ascii_case(b"2f") || code.eq_ignore_ascii_case(b"5c") {
             out.push('/');
+            3
+        } else if code.eq_ignore_ascii_case(b"3b") {
+            // A decoded ';' starts path parameters, which the lenient reading ignores.
+            out.push(';');
             3
         } else {
             out.push('%');

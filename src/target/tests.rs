@@ -221,3 +221,17 @@ fn a_port_must_be_a_number_within_range() {
         Err(TargetError::Outside(_))
     ));
 }
+
+#[test]
+fn what_is_sent_is_checked_under_the_decoding_reading_too() {
+    // Removing the literal "..", the forwarded path would be /v2/..%5c/v2: a server decoding
+    // %5c reads that as /v2/..//v2, which climbs out of /v2. Found by tests/target_properties.
+    assert!(outside("https://a.example/v2", "/..%5c/..%2f../../v2"));
+    // An encoded ';' starts parameters once decoded, so "..%3b" is ".." to Tomcat and friends.
+    assert!(outside("https://a.example/v2", "/..%3b/x"));
+    assert!(outside("https://a.example/v2", "/..%3Bjsessionid=1/x"));
+    assert_eq!(
+        resolve("https://a.example/v2", "/a..%3b/x").unwrap(),
+        "https://a.example/v2/a..%3b/x"
+    );
+}
