@@ -84,6 +84,12 @@ impl Upstream {
         }
     }
 
+    /// `upstream.request_timeout`: the longest wait for response headers, and for each piece
+    /// of a response body after them.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// Sends `request` and waits for the response headers, at most `upstream.request_timeout`.
     pub async fn send(
         &self,

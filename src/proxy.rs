@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -105,10 +105,15 @@ impl Proxy {
             Some(_) => routes.forward(request, &request_id, &mut trace).await,
         };
         let (mut response, code) = match result {
-            Ok(response) => (
-                response.map(|b| ResponseBody::new(Either::Left(b), permit, inflight)),
-                None,
-            ),
+            Ok(response) => {
+                let stall = Stall::new(routes.upstream.request_timeout(), &request_id);
+                (
+                    response.map(|b| {
+                        ResponseBody::new(Either::Left(b), permit, inflight).cut_off_after(stall)
+                    }),
+                    None,
+                )
+            }
             Err(e) => {
                 let response =
                     error::response(&e, trace.org.as_deref(), trace.connector.as_deref(), id);
@@ -444,9 +449,48 @@ fn splitmix64(mut x: u64) -> u64 {
 /// concurrency permit and the in-flight count until the body is done.
 pub struct ResponseBody {
     inner: Either<Incoming, Full<Bytes>>,
+    stall: Option<Stall>,
     _permit: Option<OwnedSemaphorePermit>,
     _inflight: InflightGuard,
 }
+
+/// Cuts off an upstream body that sends nothing for `limit`: the status is already on its way,
+/// so the caller sees the connection end before the body does, and the permit is freed.
+struct Stall {
+    limit: Duration,
+    request_id: HeaderValue,
+    /// Made on the first wait, so bodies that never wait cost nothing.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last armed.
+    progressed: bool,
+}
+
+impl Stall {
+    fn new(limit: Duration, request_id: &HeaderValue) -> Self {
+        Self {
+            limit,
+            request_id: request_id.clone(),
+            timer: None,
+            progressed: false,
+        }
+    }
+
+    /// Polled while the body waits: ready once the body has waited `limit` since its last frame.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = tokio::time::Instant::now() + self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if std::mem::take(&mut self.progressed) {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent no part of the response body for {0:?}; cut off")]
+struct BodyStalled(Duration);
 
 impl ResponseBody {
     fn new(
@@ -456,9 +500,15 @@ impl ResponseBody {
     ) -> Self {
         Self {
             inner,
+            stall: None,
             _permit: permit,
             _inflight: inflight,
         }
+    }
+
+    fn cut_off_after(mut self, stall: Stall) -> Self {
+        self.stall = Some(stall);
+        self
     }
 }
 
@@ -470,7 +520,23 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(stall) = &mut this.stall else {
+            return polled;
+        };
+        if polled.is_ready() {
+            stall.progressed = true;
+            return polled;
+        }
+        if stall.poll_expired(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let limit = stall.limit;
+        let id = String::from_utf8_lossy(stall.request_id.as_bytes()).into_owned();
+        this.stall = None;
+        tracing::warn!(request_id = %id, ?limit, "upstream response body stalled; cut off");
+        Poll::Ready(Some(Err(Box::new(BodyStalled(limit)))))
     }
 
     fn is_end_stream(&self) -> bool {

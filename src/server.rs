@@ -33,6 +33,9 @@ pub enum ServerError {
 }
 
 /// The proxy and admin listeners, bound and ready to serve.
+/// Header fields per request; more are answered 431 by hyper (its default, made explicit).
+const MAX_HEADERS: usize = 100;
+
 pub struct Server {
     listener: TcpListener,
     admin: TcpListener,
@@ -80,6 +83,7 @@ impl Server {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(self.settings.header_read_timeout)
+            .max_headers(MAX_HEADERS)
             .max_buf_size(self.settings.max_header_bytes);
         builder
             .http2()
