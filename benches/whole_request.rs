@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use common::token::{Method, TokenServer};
-use common::{Pki, install_provider, serve_tls};
+use common::{Pki, install_provider, serve_tls, server_config};
 use connector_proxy::config::Config;
 use connector_proxy::server::Server;
 
@@ -47,9 +47,12 @@ fn start() -> Peers {
     let leaf = pki.leaf(&[HOST]);
     let (upstream, token, proxy, dir) = runtime.block_on(async {
         // The upstream task serves until the runtime is dropped at the end of the run.
-        let (upstream, _task) = serve_tls(server_config(&leaf), |_req, _peer| async {
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-        })
+        let (upstream, _task) = serve_tls(
+            server_config(&leaf, &[b"h2", b"http/1.1"]),
+            |_req, _peer| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            },
+        )
         .await;
         let token = TokenServer::start(&pki).await;
         token.register("bench", Method::SecretBasic("bench-secret".into()));
@@ -102,20 +105,6 @@ client_secret = "bench-secret"
         _dir: dir,
         _token: token,
     }
-}
-
-fn server_config(leaf: &common::Leaf) -> rustls::ServerConfig {
-    use rustls_pki_types::pem::PemObject;
-    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config
 }
 
 /// An HTTP/1.1 keepalive connection: over TLS to the upstream, or plain to the proxy.

@@ -59,10 +59,20 @@ impl Pki {
     /// A leaf for `key` (for client certificates of a given key type).
     pub fn leaf_with(&self, names: &[&str], key: KeyPair) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
+        self.sign(CertificateParams::new(names).unwrap(), key)
+    }
+
+    /// A leaf for `names` whose validity ended in 2020.
+    pub fn expired_leaf(&self, names: &[&str]) -> Leaf {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        self.sign(params, KeyPair::generate().unwrap())
+    }
+
+    fn sign(&self, params: CertificateParams, key: KeyPair) -> Leaf {
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -102,17 +112,7 @@ impl Drop for Upstream {
 
 impl Upstream {
     pub async fn start(leaf: &Leaf, alpn: &[&[u8]]) -> Self {
-        install_provider();
-        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        use rustls_pki_types::pem::PemObject;
-        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-        let mut config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let config = server_config(leaf, alpn);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let reject = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let (seen_in, reject_in) = (seen.clone(), reject.clone());
@@ -131,6 +131,22 @@ impl Upstream {
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+}
+
+/// A TLS server configuration presenting `leaf` and offering `alpn`.
+pub fn server_config(leaf: &Leaf, alpn: &[&[u8]]) -> rustls::ServerConfig {
+    use rustls_pki_types::pem::PemObject;
+    install_provider();
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
 }
 
 /// Serves HTTP/1.1 or HTTP/2 (by ALPN) over TLS on 127.0.0.1:0 until the task is aborted.

@@ -1,0 +1,347 @@
+//! Peers on a bad day: upstreams that reset or stall mid-response or present the wrong or an
+//! expired certificate, and clients that stall sending headers or bodies. Each ends in its
+//! contract error (or a cut-off connection, where the status has already gone) within its
+//! timeout; other callers keep being served meanwhile; and afterwards nothing is left behind:
+//! no request counted in flight, no client or upstream connection held open.
+//! (Token endpoint faults are in tests/oauth.rs.)
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Pki, Proxy, Upstream, get, raw, server_config};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+/// Generous bounds for liveness only ("it ended"), never as performance assertions.
+const ENDS_WITHIN: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    /// Sends the head and 7 of 100 body bytes, then resets the TCP connection.
+    ResetMidBody,
+    /// Sends the head and 7 of 100 body bytes, then nothing.
+    StallMidBody,
+}
+
+/// An HTTP/1.1-over-TLS upstream that reads a request head and then misbehaves.
+async fn bad_upstream(pki: &Pki, name: &str, how: Misbehaviour) -> SocketAddr {
+    let acceptor = TlsAcceptor::from(std::sync::Arc::new(server_config(
+        &pki.leaf(&[name]),
+        &[b"http/1.1"],
+    )));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                tcp.set_zero_linger().unwrap();
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tls.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = tls
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+                    .await;
+                let _ = tls.flush().await;
+                match how {
+                    // Once the head has surely been read (an RST discards what the peer has
+                    // not read yet), dropping a zero-linger socket sends RST.
+                    Misbehaviour::ResetMidBody => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        drop(tls);
+                    }
+                    Misbehaviour::StallMidBody => {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct World {
+    crm: Upstream,
+    proxy: Proxy,
+    /// The TLS-failure upstreams, served until the test ends.
+    _others: [Upstream; 2],
+}
+
+async fn world() -> World {
+    let pki = Pki::new();
+    let crm = Upstream::start(&pki.leaf(&["crm.example.com"]), &[b"h2", b"http/1.1"]).await;
+    let reset = bad_upstream(&pki, "reset.example.com", Misbehaviour::ResetMidBody).await;
+    let stall = bad_upstream(&pki, "stall.example.com", Misbehaviour::StallMidBody).await;
+    let wrong = Upstream::start(&pki.leaf(&["someone-else.example.com"]), &[b"http/1.1"]).await;
+    let expired =
+        Upstream::start(&pki.expired_leaf(&["expired.example.com"]), &[b"http/1.1"]).await;
+    let mut connectors = String::new();
+    for name in ["crm", "reset", "stall", "wrong", "expired"] {
+        connectors.push_str(&format!(
+            "[orgs.acme.connectors.{name}]\nauth = \"basic\"\nresource_domain = \"https://{name}.example.com\"\n\
+             username = \"u\"\npassword = \"p\"\n\n"
+        ));
+    }
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+header_read_timeout = "1s"
+
+[upstream]
+extra_ca_file = "ca.pem"
+allow_networks = ["127.0.0.0/8"]
+request_timeout = "1s"
+connect_timeout = "1s"
+
+[upstream.resolve]
+"crm.example.com:443" = "{crm}"
+"reset.example.com:443" = "{reset}"
+"stall.example.com:443" = "{stall}"
+"wrong.example.com:443" = "{wrong}"
+"expired.example.com:443" = "{expired}"
+
+{connectors}
+"#,
+        crm = crm.addr,
+        wrong = wrong.addr,
+        expired = expired.addr,
+    );
+    let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
+    World {
+        crm,
+        proxy,
+        _others: [wrong, expired],
+    }
+}
+
+/// GET through the proxy; the status, and whether the body arrived whole (Err when the
+/// connection ended before the body did).
+async fn fetch(addr: SocketAddr, connector: &str) -> (u16, Result<Bytes, String>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get("/x")
+        .header("x-connector-name", connector)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await;
+    (
+        status,
+        body.map(|b| b.to_bytes()).map_err(|e| e.to_string()),
+    )
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+async fn inflight(admin: SocketAddr) -> f64 {
+    let metrics = get(admin, "/metrics", &[]).await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("connector_proxy_inflight_requests "))
+        .expect("the in-flight gauge is exported")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Polls until `check` holds or `ENDS_WITHIN` passes; returns whether it held.
+async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + ENDS_WITHIN;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn misbehaving_upstreams_end_in_their_errors_and_leave_nothing_behind() {
+    let world = world().await;
+    let addr = world.proxy.addr;
+    // Warm the pool to crm so that its connection is in the baseline.
+    assert_eq!(fetch(addr, "crm").await.0, 200);
+    let baseline = open_fds(world.proxy.pid());
+
+    // Twenty of each at once, so that anything leaked per request shows in the counts.
+    let mut calls = Vec::new();
+    for name in ["reset", "stall", "wrong", "expired"] {
+        for _ in 0..20 {
+            calls.push(tokio::spawn(async move {
+                (
+                    name,
+                    tokio::time::timeout(ENDS_WITHIN, fetch(addr, name)).await,
+                )
+            }));
+        }
+    }
+    // Meanwhile other callers are served.
+    for _ in 0..5 {
+        let (status, body) = fetch(addr, "crm").await;
+        assert_eq!((status, body.is_ok()), (200, true));
+    }
+    for call in calls {
+        let (name, outcome) = call.await.unwrap();
+        let (status, body) = outcome.unwrap_or_else(|_| panic!("{name}: never ended"));
+        match name {
+            // The status was on its way when the body broke: the caller sees 200 and a body
+            // that ends early, never a complete-looking 100 bytes.
+            "reset" | "stall" => {
+                assert_eq!(status, 200, "{name}");
+                assert!(body.is_err(), "{name}: the truncated body looked complete");
+            }
+            "wrong" | "expired" => {
+                assert_eq!(status, 502, "{name}");
+                let text = String::from_utf8(body.unwrap().to_vec()).unwrap();
+                assert!(text.contains("upstream_tls_error"), "{name}: {text}");
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert!(
+        eventually(async || inflight(world.proxy.admin).await == 0.0).await,
+        "requests still counted in flight"
+    );
+    // The proxy holds no more descriptors than before (pooled crm connections aside).
+    let pid = world.proxy.pid();
+    assert!(
+        eventually(async || open_fds(pid) <= baseline + 4).await,
+        "descriptors: {baseline} before, {} after",
+        open_fds(pid)
+    );
+    let logs = world.proxy.log_text();
+    assert!(logs.contains("upstream response body stalled; cut off"));
+    assert_eq!(world.crm.seen().len(), 6);
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_while_others_are_served() {
+    let world = world().await;
+    let addr = world.proxy.addr;
+    assert_eq!(fetch(addr, "crm").await.0, 200);
+    let baseline = open_fds(world.proxy.pid());
+
+    // Slowloris on headers: a byte every 200 ms never completes a head within 1 s.
+    let mut loris = Vec::new();
+    for _ in 0..20 {
+        loris.push(tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            let head = b"GET /x HTTP/1.1\r\nHost: p\r\nX-Connector-Name: crm\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+            for byte in head {
+                if tcp.write_all(&[*byte]).await.is_err() {
+                    return true; // the proxy closed the connection
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let mut probe = [0u8; 256];
+                if let Ok(Ok(0) | Err(_)) =
+                    tokio::time::timeout(Duration::from_millis(1), tcp.read(&mut probe)).await
+                {
+                    return true;
+                }
+            }
+            false
+        }));
+    }
+    // A request body that stops after 10 of 100 bytes: the upstream waits for the rest and
+    // never answers, so request_timeout (1 s) ends it as the contract's upstream_timeout.
+    let stalled_body = tokio::spawn(async move {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"POST /x HTTP/1.1\r\nHost: p\r\nX-Connector-Name: crm\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Read the answer without closing our side (we still owe 90 bytes).
+        loop {
+            match tokio::time::timeout(ENDS_WITHIN, tcp.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    answer.extend_from_slice(&buf[..n]);
+                    if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        common::parse_raw(&answer)
+    });
+    // Others are served meanwhile.
+    for _ in 0..5 {
+        assert_eq!(fetch(addr, "crm").await.0, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for l in loris {
+        assert!(
+            l.await.unwrap(),
+            "a slowloris connection completed its head"
+        );
+    }
+    let answer = stalled_body.await.unwrap();
+    assert_eq!(answer.status, 504, "{answer:?}");
+    assert_eq!(answer.header("x-proxy-error"), Some("upstream_timeout"));
+
+    // An idle keep-alive connection is closed once header_read_timeout passes without a new
+    // request.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /x HTTP/1.1\r\nHost: p\r\nX-Connector-Name: crm\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(ENDS_WITHIN, async {
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(closed, "the idle connection stayed open");
+    assert_eq!(common::parse_raw(&seen).status, 200);
+
+    let (admin, pid) = (world.proxy.admin, world.proxy.pid());
+    assert!(eventually(async || inflight(admin).await == 0.0).await);
+    assert!(
+        eventually(async || open_fds(pid) <= baseline + 2).await,
+        "descriptors: {baseline} before, {} after",
+        open_fds(pid)
+    );
+    // A fresh request still works.
+    let answer = raw(
+        addr,
+        b"GET /x HTTP/1.1\r\nHost: p\r\nX-Connector-Name: crm\r\nConnection: close\r\n\r\n",
+        ENDS_WITHIN,
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+}
