@@ -34,6 +34,14 @@ pub enum ForwardError {
     Unreachable(String),
     #[error("{0}")]
     Tls(String),
+    /// The upstream turned the request away unprocessed (an HTTP/2 GOAWAY without error, or
+    /// REFUSED_STREAM): safe to send again on a new connection, whatever the method.
+    #[error("{0}")]
+    NotProcessed(String),
+    /// The connection closed while the request waited to be written; sent again only when
+    /// the method is idempotent, in case it left after all.
+    #[error("{0}")]
+    NotSent(String),
     #[error("no response headers within {0:?}")]
     Timeout(Duration),
 }
@@ -41,6 +49,9 @@ pub enum ForwardError {
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<UpstreamConnector, UpstreamBody>,
+    /// A pool of its own for requests sent again after the upstream turned them away: the
+    /// main pool may still hand out the connection that is closing.
+    retry_client: Client<UpstreamConnector, UpstreamBody>,
     request_timeout: Duration,
 }
 
@@ -73,13 +84,16 @@ impl Upstream {
             settings.resolve.clone(),
             settings.connect_timeout,
         );
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let client = || {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector.clone())
+        };
         Self {
-            client,
+            client: client(),
+            retry_client: client(),
             request_timeout: settings.request_timeout,
         }
     }
@@ -98,16 +112,32 @@ impl Upstream {
         self.send_within(request, self.request_timeout).await
     }
 
+    /// Sends `request` again after [`ForwardError::NotProcessed`], on the retry pool.
+    pub async fn send_again(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        Self::send_on(&self.retry_client, request, self.request_timeout).await
+    }
+
     /// Sends `request` and waits for the response headers, at most `timeout`.
     pub async fn send_within(
         &self,
+        request: Request<UpstreamBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        Self::send_on(&self.client, request, timeout).await
+    }
+
+    async fn send_on(
+        client: &Client<UpstreamConnector, UpstreamBody>,
         mut request: Request<UpstreamBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ForwardError> {
         // The pool picks HTTP/2 or HTTP/1.1 per connection; an HTTP/2-versioned request would
         // fail on a pooled HTTP/1 connection.
         *request.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
+        match tokio::time::timeout(timeout, client.request(request)).await {
             Err(_) => Err(ForwardError::Timeout(timeout)),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(classify(e)),
@@ -115,8 +145,9 @@ impl Upstream {
     }
 }
 
-/// Finds our own connect error in hyper's chain; anything else (a reset, a protocol error) is
-/// an unreachable upstream, described by the innermost cause.
+/// Finds our own connect error, or HTTP/2's word that a stream was not processed, in hyper's
+/// chain; anything else (a reset, a protocol error) is an unreachable upstream, described by
+/// the innermost cause.
 fn classify(error: hyper_util::client::legacy::Error) -> ForwardError {
     let mut innermost = error.to_string();
     let mut source = error.source();
@@ -128,6 +159,22 @@ fn classify(error: hyper_util::client::legacy::Error) -> ForwardError {
                 ConnectError::Tls { .. } => ForwardError::Tls(message),
                 _ => ForwardError::Unreachable(message),
             };
+        }
+        // hyper drops a request still queued for a connection whose task has ended ("dispatch
+        // task is gone"); there is no predicate for it, only this user-error kind and its words.
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_user() && h.to_string().contains("dispatch task"))
+        {
+            return ForwardError::NotSent(format!("the upstream connection closed first: {e}"));
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            let graceful_goaway =
+                h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+            if graceful_goaway || h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return ForwardError::NotProcessed(format!(
+                    "the upstream turned the request away unprocessed: {h2}"
+                ));
+            }
         }
         innermost = e.to_string();
         source = e.source();

@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::error::{self, ProxyError};
-use crate::forward::{Upstream, UpstreamBody};
+use crate::forward::{ForwardError, Upstream};
 use crate::metrics::{Metrics, RequestLabels, connector_labels};
 use crate::registry::{Org, Registry};
 use crate::secret::Secret;
@@ -104,6 +104,7 @@ impl Proxy {
             None => Err(ProxyError::Overloaded),
             Some(_) => routes.forward(request, &request_id, &mut trace).await,
         };
+        let mut detail = None;
         let (mut response, code) = match result {
             Ok(response) => {
                 let stall = Stall::new(routes.upstream.request_timeout(), &request_id);
@@ -117,6 +118,8 @@ impl Proxy {
             Err(e) => {
                 let response =
                     error::response(&e, trace.org.as_deref(), trace.connector.as_deref(), id);
+                // The same words the caller got, never a secret; for the operator's log line.
+                detail = Some(e.to_string());
                 (
                     response.map(|b| ResponseBody::new(Either::Right(b), None, inflight)),
                     Some(e.code()),
@@ -152,6 +155,7 @@ impl Proxy {
             host = trace.host.as_deref().unwrap_or("-"),
             status,
             error = code.unwrap_or("-"),
+            detail = detail.as_deref().unwrap_or("-"),
             token = trace.token.unwrap_or("-"),
             upstream_ms = trace.upstream_ms.unwrap_or(0.0),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
@@ -223,8 +227,11 @@ impl Routes {
         parts.uri = target.uri;
         // Where a new token could help, keep a small body so that a 401 can be answered by
         // sending the request once more.
+        // A body in hand (an empty one, always) also lets a request the upstream turned away
+        // unprocessed go once more.
         let kept = match &connector.credentials {
             Credentials::OAuth(_) => self.keep_for_replay(&parts.headers, body).await?,
+            Credentials::Basic(_) if body.is_end_stream() => Ok(Bytes::new()),
             Credentials::Basic(_) => Err(body),
         };
         let upstream_started = Instant::now();
@@ -239,11 +246,7 @@ impl Routes {
             }
             Ok(body) => {
                 let first = self
-                    .send(
-                        &parts,
-                        Either::Right(Full::new(body.clone())),
-                        authorization.clone(),
-                    )
+                    .send(&parts, body.clone(), authorization.clone())
                     .await?;
                 if first.status() == StatusCode::UNAUTHORIZED
                     && connector.credentials.reject(&authorization)
@@ -251,8 +254,7 @@ impl Routes {
                     drop(first);
                     let (renewed, _) = connector.credentials.authorization().await?;
                     trace.token = Some("replayed");
-                    self.send(&parts, Either::Right(Full::new(body)), renewed)
-                        .await?
+                    self.send(&parts, body, renewed).await?
                 } else {
                     first
                 }
@@ -268,21 +270,39 @@ impl Routes {
         Ok(response)
     }
 
-    /// Sends a copy of `parts`, for a request that may go twice.
+    /// Sends a copy of `parts` with `body`, for a request that may go more than once; again
+    /// (up to `UNPROCESSED_RETRIES` times) when the upstream turned it away unprocessed, as
+    /// HTTP/2 servers do to streams beyond a graceful GOAWAY.
     async fn send(
         &self,
         parts: &http::request::Parts,
-        body: UpstreamBody,
+        body: Bytes,
         authorization: HeaderValue,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let mut request = Request::new(body);
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = parts.uri.clone();
-        *request.headers_mut() = parts.headers.clone();
-        request
-            .headers_mut()
-            .insert(header::AUTHORIZATION, authorization);
-        Ok(self.upstream.send(request).await?)
+        let copy = || {
+            let mut request = Request::new(Either::Right(Full::new(body.clone())));
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = parts.uri.clone();
+            *request.headers_mut() = parts.headers.clone();
+            request
+                .headers_mut()
+                .insert(header::AUTHORIZATION, authorization.clone());
+            request
+        };
+        let mut result = self.upstream.send(copy()).await;
+        for _ in 0..UNPROCESSED_RETRIES {
+            match &result {
+                Err(ForwardError::NotProcessed(why)) => {
+                    tracing::debug!(%why, "sending again on another connection");
+                }
+                Err(ForwardError::NotSent(why)) if parts.method.is_idempotent() => {
+                    tracing::debug!(%why, "sending again on another connection");
+                }
+                _ => break,
+            }
+            result = self.upstream.send_again(copy()).await;
+        }
+        Ok(result?)
     }
 
     /// The whole body when it is empty or has a `Content-Length` within
@@ -309,6 +329,11 @@ impl Routes {
         }
     }
 }
+
+/// How often a request the upstream turned away unprocessed is sent again. One is what a
+/// server closing connections after N requests needs; the rest cover a burst that meets the
+/// next connection's closing too.
+const UNPROCESSED_RETRIES: u32 = 2;
 
 /// Counts a request in `connector_proxy_inflight_requests` until its response body is done.
 pub struct InflightGuard(Gauge);

@@ -345,3 +345,106 @@ async fn slow_clients_are_cut_off_while_others_are_served() {
     .await;
     assert_eq!(answer.status, 200);
 }
+
+/// An HTTP/2 upstream allowing 4 streams at a time that, like nginx after `keepalive_requests`,
+/// closes each connection gracefully (GOAWAY) once it has taken 30 requests. Streams queued
+/// beyond the GOAWAY were never processed; the proxy sends those again on a new connection.
+async fn goaway_upstream(
+    pki: &Pki,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(
+        &pki.leaf(&["goaway.example.com"]),
+        &[b"h2"],
+    )));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let total = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, total) = (acceptor.clone(), total.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let taken = Arc::new(AtomicUsize::new(0));
+                let enough = Arc::new(tokio::sync::Notify::new());
+                let (taken_in, enough_in) = (taken.clone(), enough.clone());
+                let service = hyper::service::service_fn(move |_req| {
+                    let (taken, enough, total) =
+                        (taken_in.clone(), enough_in.clone(), total.clone());
+                    async move {
+                        if taken.fetch_add(1, Ordering::SeqCst) + 1 == 30 {
+                            enough.notify_one();
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        total.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from_static(b"ok")),
+                        ))
+                    }
+                });
+                let conn =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(4)
+                        .serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    () = enough.notified() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+#[tokio::test]
+async fn requests_an_http2_upstream_turned_away_unprocessed_are_sent_again() {
+    let pki = Pki::new();
+    let (goaway, served) = goaway_upstream(&pki).await;
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[upstream]
+extra_ca_file = "ca.pem"
+allow_networks = ["127.0.0.0/8"]
+resolve = {{ "goaway.example.com:443" = "{goaway}" }}
+
+[orgs.acme.connectors.goaway]
+auth = "basic"
+resource_domain = "https://goaway.example.com"
+username = "u"
+password = "p"
+"#
+    );
+    let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
+    let addr = proxy.addr;
+    // One request first, so that the 40 below share an established HTTP/2 connection (the
+    // pool would otherwise race several handshakes and keep one).
+    assert_eq!(fetch(addr, "goaway").await.0, 200);
+    let calls: Vec<_> = (0..40)
+        .map(|_| tokio::spawn(async move { fetch(addr, "goaway").await }))
+        .collect();
+    let mut statuses = Vec::new();
+    for call in calls {
+        statuses.push(call.await.unwrap().0);
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "answers: {statuses:?}\n{}",
+        proxy.log_text()
+    );
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 41);
+}
