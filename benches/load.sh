@@ -5,6 +5,8 @@
 #   bash benches/load.sh                 # 10 s per run, 32 connections
 #   DURATION=5 CONNECTIONS=64 bash benches/load.sh
 #   PROFILE=/tmp/cp.perf bash benches/load.sh   # also perf-record connector-proxy's Basic run
+#   MODE=soak bash benches/load.sh       # 1,000 connections for 60 s (SOAK_SECONDS), Basic and
+#                                        # OAuth with 2 s tokens; every answer checked, RSS sampled
 #
 # The job (as in the performance issue): plain HTTP in, a static Basic Authorization added, HTTPS
 # out with keepalive, upstream certificate verified. The HTTPS upstream is nginx answering a
@@ -18,6 +20,9 @@ CONNECTIONS=${CONNECTIONS:-32}
 PROXY_CORE=${PROXY_CORE:-0}
 UPSTREAM_HTTP2=${UPSTREAM_HTTP2:-1}   # 0: the upstream offers only HTTP/1.1 (as nginx proxies to it)
 LOAD_CORE=${LOAD_CORE:-1}
+MODE=${MODE:-compare}                 # compare | soak
+SOAK_SECONDS=${SOAK_SECONDS:-60}
+CONNECTIONS_SOAK=${CONNECTIONS_SOAK:-1000}
 PROXY_ENV=${PROXY_ENV:-}              # e.g. PROXY_ENV=MALLOC_ARENA_MAX=2, for experiments
 PROXY_WRAP=${PROXY_WRAP:-}            # e.g. PROXY_WRAP=heaptrack (RSS figures are then the wrapper's)
 
@@ -81,7 +86,16 @@ http {
         location = /oauth2/rolling {
             access_log $work/rolling.log;
             default_type application/json;
-            return 200 '{"access_token":"rolling-token","token_type":"Bearer","expires_in":2}';
+            return 200 '{"access_token":"rolling-\$msec","token_type":"Bearer","expires_in":2}';
+        }
+        # The soak's paths: each answers "ok" only to its connector's credentials.
+        location = /soak/basic {
+            if (\$http_authorization != "Basic $BASIC") { return 401; }
+            default_type text/plain; return 200 "ok";
+        }
+        location = /soak/oauth {
+            if (\$http_authorization !~ "^Bearer rolling-[0-9.]+\$") { return 401; }
+            default_type text/plain; return 200 "ok";
         }
         location / { default_type text/plain; return 200 "ok"; }
     }
@@ -191,6 +205,60 @@ to_ms() {
         *) echo "nan" ;;
     esac
 }
+
+if [ "$MODE" = soak ]; then
+    # wrk checks every answer (status 200, body "ok") in Lua; the upstream answers "ok" only to
+    # the right credentials. Half the connections use Basic, half OAuth with 2 s tokens.
+    cat >"$work/check.lua" <<'EOF'
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init() bad = 0 end
+function response(status, headers, body)
+    if status ~= 200 or body ~= "ok" then bad = bad + 1 end
+end
+function done(summary, latency, requests)
+    local total = 0
+    for _, t in ipairs(threads) do total = total + t:get("bad") end
+    io.write(string.format("requests %d, wrong answers %d, socket errors %d\n", summary.requests,
+        total, summary.errors.connect + summary.errors.read + summary.errors.write
+        + summary.errors.timeout))
+end
+EOF
+    half=$((CONNECTIONS_SOAK / 2))
+    : >"$work/rss.txt"
+    tokens_before=$(wc -l <"$work/rolling.log")
+    soak_start=$(date +%s.%N)
+    for connector in basic rolling; do
+        path=basic; [ "$connector" = rolling ] && path=oauth
+        timeout $((SOAK_SECONDS + 60)) taskset -c "$LOAD_CORE" wrk -t1 -c"$half" -d"${SOAK_SECONDS}s" --latency \
+            -s "$work/check.lua" -H "X-Connector-Name: $connector" "http://127.0.0.1:$CP/soak/$path" \
+            >"$work/soak-$connector.txt" 2>&1 &
+        pids+=($!)
+    done
+    for i in $(seq 0 5 "$SOAK_SECONDS"); do
+        echo "$i $(rss "$CP_PID")" >>"$work/rss.txt"
+        sleep 5
+    done
+    wait "${pids[-1]}" "${pids[-2]}" || true
+    tokens=$(($(wc -l <"$work/rolling.log") - tokens_before))
+    soak_elapsed=$(awk -v a="$soak_start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+    echo
+    echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); kernel $(uname -r)"
+    echo "Soak: $CONNECTIONS_SOAK connections for ${SOAK_SECONDS}s, proxy on core $PROXY_CORE, wrk on core $LOAD_CORE"
+    for connector in basic rolling; do
+        f="$work/soak-$connector.txt"
+        printf '%-8s %s; %s req/s, p50 %s, p99 %s\n' "$connector" "$(grep '^requests' "$f")" \
+            "$(awk '/Requests\/sec/ {print $2}' "$f")" "$(awk '$1=="50%" {print $2}' "$f")" "$(awk '$1=="99%" {print $2}' "$f")"
+        grep -E 'Non-2xx|Socket errors' "$f" || true
+    done
+    awk -v t="$tokens" -v e="$soak_elapsed" 'BEGIN {
+        printf "token requests: %d in %.1f s (one per refresh, every ~1.6 s: ~%.0f)\n", t, e, e / 1.6 }'
+    echo "RSS KiB every 5 s: $(awk '{printf "%s ", $2}' "$work/rss.txt")"
+    echo "answers other than 200, by the proxy's metrics:"
+    curl -s "http://127.0.0.1:$CPA/metrics" | grep '^connector_proxy_requests_total' | grep -v 'code="200"' || echo "  none"
+    grep upstream_unreachable "$work/cp.log" | head -3
+    exit 0
+fi
 
 # Warm each path once (pools, TLS sessions, the OAuth token).
 curl -s -o /dev/null -k --resolve "crm.example.com:$UP:127.0.0.1" "https://crm.example.com:$UP/"
