@@ -448,3 +448,77 @@ password = "p"
     );
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 41);
 }
+
+#[tokio::test]
+async fn a_stalled_token_endpoint_fails_only_its_own_callers() {
+    use common::token::{Method, Mode, TokenServer};
+    let pki = Pki::new();
+    let crm = Upstream::start(&pki.leaf(&["crm.example.com"]), &[b"h2", b"http/1.1"]).await;
+    let token = TokenServer::start(&pki).await;
+    token.register("flow", Method::SecretPost("post-secret".into()));
+    token.set_mode(Mode::Stall);
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[upstream]
+extra_ca_file = "ca.pem"
+allow_networks = ["127.0.0.0/8"]
+resolve = {{ "crm.example.com:443" = "{crm}", "login.example.com:443" = "{token}" }}
+
+[oauth]
+token_timeout = "1s"
+
+[orgs.acme.connectors.crm]
+auth = "basic"
+resource_domain = "https://crm.example.com"
+username = "u"
+password = "p"
+
+[orgs.acme.connectors.billing]
+auth = "oauth2"
+grant = "client_credentials"
+resource_domain = "https://crm.example.com"
+token_url = "https://login.example.com/oauth2/token"
+client_id = "flow"
+client_auth = "client_secret_post"
+client_secret = "post-secret"
+"#,
+        crm = crm.addr,
+        token = token.addr,
+    );
+    let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
+    let addr = proxy.addr;
+    assert_eq!(fetch(addr, "crm").await.0, 200);
+    let baseline = open_fds(proxy.pid());
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::spawn(
+                async move { tokio::time::timeout(ENDS_WITHIN, fetch(addr, "billing")).await },
+            )
+        })
+        .collect();
+    // The Basic connector is served while the OAuth one waits on its token endpoint.
+    for _ in 0..5 {
+        assert_eq!(fetch(addr, "crm").await.0, 200);
+    }
+    for call in calls {
+        let (status, body) = call
+            .await
+            .unwrap()
+            .expect("a caller waited past token_timeout");
+        assert_eq!(status, 504);
+        let text = String::from_utf8(body.unwrap().to_vec()).unwrap();
+        assert!(text.contains("token_timeout"), "{text}");
+    }
+    assert_eq!(crm.seen().len(), 6, "no OAuth call reached the upstream");
+    let (admin, pid) = (proxy.admin, proxy.pid());
+    assert!(eventually(async || inflight(admin).await == 0.0).await);
+    assert!(
+        eventually(async || open_fds(pid) <= baseline + 4).await,
+        "descriptors: {baseline} before, {} after",
+        open_fds(pid)
+    );
+}
