@@ -8,15 +8,16 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Pki, Proxy, Upstream, get, raw, server_config};
+use common::{Pki, Proxy, Upstream, accept_tls, get, raw, server_config};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+use tokio::net::TcpStream;
 
 /// Generous bounds for liveness only ("it ended"), never as performance assertions.
 const ENDS_WITHIN: Duration = Duration::from_secs(10);
@@ -31,49 +32,34 @@ enum Misbehaviour {
 
 /// An HTTP/1.1-over-TLS upstream that reads a request head and then misbehaves.
 async fn bad_upstream(pki: &Pki, name: &str, how: Misbehaviour) -> SocketAddr {
-    let acceptor = TlsAcceptor::from(std::sync::Arc::new(server_config(
-        &pki.leaf(&[name]),
-        &[b"http/1.1"],
-    )));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                tcp.set_zero_linger().unwrap();
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if tls.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let _ = tls
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
-                    .await;
-                let _ = tls.flush().await;
-                match how {
-                    // Once the head has surely been read (an RST discards what the peer has
-                    // not read yet), dropping a zero-linger socket sends RST.
-                    Misbehaviour::ResetMidBody => {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        drop(tls);
-                    }
-                    Misbehaviour::StallMidBody => {
-                        tokio::time::sleep(Duration::from_secs(3600)).await;
-                    }
-                }
-            });
+    let config = server_config(&pki.leaf(&[name]), &[b"http/1.1"]);
+    let (addr, _task) = accept_tls(config, move |mut tls| async move {
+        tls.get_ref().0.set_zero_linger().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if tls.read(&mut byte).await.unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
         }
-    });
+        let _ = tls
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+            .await;
+        let _ = tls.flush().await;
+        match how {
+            // Once the head has surely been read (an RST discards what the peer has not
+            // read yet), dropping a zero-linger socket sends RST.
+            Misbehaviour::ResetMidBody => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                drop(tls);
+            }
+            Misbehaviour::StallMidBody => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        }
+    })
+    .await;
     addr
 }
 
@@ -349,61 +335,44 @@ async fn slow_clients_are_cut_off_while_others_are_served() {
 /// An HTTP/2 upstream allowing 4 streams at a time that, like nginx after `keepalive_requests`,
 /// closes each connection gracefully (GOAWAY) once it has taken 30 requests. Streams queued
 /// beyond the GOAWAY were never processed; the proxy sends those again on a new connection.
-async fn goaway_upstream(
-    pki: &Pki,
-) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(
-        &pki.leaf(&["goaway.example.com"]),
-        &[b"h2"],
-    )));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+async fn goaway_upstream(pki: &Pki) -> (SocketAddr, Arc<AtomicUsize>) {
+    let config = server_config(&pki.leaf(&["goaway.example.com"]), &[b"h2"]);
     let served = Arc::new(AtomicUsize::new(0));
     let total = served.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let (acceptor, total) = (acceptor.clone(), total.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let taken = Arc::new(AtomicUsize::new(0));
-                let enough = Arc::new(tokio::sync::Notify::new());
-                let (taken_in, enough_in) = (taken.clone(), enough.clone());
-                let service = hyper::service::service_fn(move |_req| {
-                    let (taken, enough, total) =
-                        (taken_in.clone(), enough_in.clone(), total.clone());
-                    async move {
-                        if taken.fetch_add(1, Ordering::SeqCst) + 1 == 30 {
-                            enough.notify_one();
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        total.fetch_add(1, Ordering::SeqCst);
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(Bytes::from_static(b"ok")),
-                        ))
+    let (addr, _task) = accept_tls(config, move |tls| {
+        let total = total.clone();
+        async move {
+            let taken = Arc::new(AtomicUsize::new(0));
+            let enough = Arc::new(tokio::sync::Notify::new());
+            let (taken_in, enough_in) = (taken.clone(), enough.clone());
+            let service = hyper::service::service_fn(move |_req| {
+                let (taken, enough, total) = (taken_in.clone(), enough_in.clone(), total.clone());
+                async move {
+                    if taken.fetch_add(1, Ordering::SeqCst) + 1 == 30 {
+                        enough.notify_one();
                     }
-                });
-                let conn =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .max_concurrent_streams(4)
-                        .serve_connection(TokioIo::new(tls), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    () = enough.notified() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    total.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"ok")),
+                    ))
                 }
             });
+            let conn =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .max_concurrent_streams(4)
+                    .serve_connection(TokioIo::new(tls), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = enough.notified() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         }
-    });
+    })
+    .await;
     (addr, served)
 }
 
@@ -446,7 +415,7 @@ password = "p"
         "answers: {statuses:?}\n{}",
         proxy.log_text()
     );
-    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 41);
+    assert_eq!(served.load(Ordering::SeqCst), 41);
 }
 
 #[tokio::test]

@@ -165,6 +165,34 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    accept_tls(config, move |tls| {
+        let handle = handle.clone();
+        async move {
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            let service = service_fn(move |req| handle(req, peer.clone()));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        }
+    })
+    .await
+}
+
+/// Accepts TLS connections on 127.0.0.1:0 until the task is aborted, each handed to
+/// `on_connection` on a task of its own (for servers that misbehave below HTTP).
+pub async fn accept_tls<F, Fut>(
+    config: rustls::ServerConfig,
+    on_connection: F,
+) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -173,21 +201,11 @@ where
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
-            let (acceptor, handle) = (acceptor.clone(), handle.clone());
+            let (acceptor, on_connection) = (acceptor.clone(), on_connection.clone());
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let peer = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| c.clone().into_owned());
-                let service = service_fn(move |req| handle(req, peer.clone()));
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    on_connection(tls).await;
+                }
             });
         }
     });
