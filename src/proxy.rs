@@ -225,10 +225,9 @@ impl Routes {
         rewrite_request_headers(&mut parts.headers, &self.connector_header, &self.org_header);
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
         parts.uri = target.uri;
-        // Where a new token could help, keep a small body so that a 401 can be answered by
-        // sending the request once more.
-        // A body in hand (an empty one, always) also lets a request the upstream turned away
-        // unprocessed go once more.
+        // A body in hand can go more than once: after a 401, where a new token could help
+        // (small bodies are kept for that), and when the upstream turned the request away
+        // unprocessed (an empty body is always in hand).
         let kept = match &connector.credentials {
             Credentials::OAuth(_) => self.keep_for_replay(&parts.headers, body).await?,
             Credentials::Basic(_) if body.is_end_stream() => Ok(Bytes::new()),
@@ -291,15 +290,12 @@ impl Routes {
         };
         let mut result = self.upstream.send(copy()).await;
         for _ in 0..UNPROCESSED_RETRIES {
-            match &result {
-                Err(ForwardError::NotProcessed(why)) => {
-                    tracing::debug!(%why, "sending again on another connection");
-                }
-                Err(ForwardError::NotSent(why)) if parts.method.is_idempotent() => {
-                    tracing::debug!(%why, "sending again on another connection");
-                }
+            let why = match &result {
+                Err(ForwardError::NotProcessed(why)) => why,
+                Err(ForwardError::NotSent(why)) if parts.method.is_idempotent() => why,
                 _ => break,
-            }
+            };
+            tracing::debug!(%why, "sending again on another connection");
             result = self.upstream.send_again(copy()).await;
         }
         Ok(result?)
