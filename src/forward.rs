@@ -112,7 +112,8 @@ impl Upstream {
         self.send_within(request, self.request_timeout).await
     }
 
-    /// Sends `request` again after [`ForwardError::NotProcessed`], on the retry pool.
+    /// Sends `request` again, on the retry pool, after [`ForwardError::NotProcessed`] or
+    /// [`ForwardError::NotSent`].
     pub async fn send_again(
         &self,
         request: Request<UpstreamBody>,
