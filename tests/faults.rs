@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Pki, Proxy, Upstream, accept_tls, get, raw, server_config};
+use common::metrics::{self, metric};
+use common::{Pki, Proxy, Upstream, accept_tls, raw, server_config};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -147,14 +148,9 @@ fn open_fds(pid: u32) -> usize {
 }
 
 async fn inflight(admin: SocketAddr) -> f64 {
-    let metrics = get(admin, "/metrics", &[]).await;
-    let text = String::from_utf8_lossy(&metrics.body).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix("connector_proxy_inflight_requests "))
+    let samples = metrics::fetch(admin).await;
+    metric(&samples, "connector_proxy_inflight_requests", &[])
         .expect("the in-flight gauge is exported")
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// Polls until `check` holds or `ENDS_WITHIN` passes; returns whether it held.

@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::metrics::{self, metric};
 use common::token::{Method, TokenServer};
 use common::{Pki, Proxy, Upstream, get, send};
 
@@ -82,49 +82,6 @@ async fn admin(proxy: &Proxy, method: &str, path: &str) -> common::Answer {
     send(proxy.admin, method, path, &[], Bytes::new()).await
 }
 
-/// (metric name, sorted labels) -> value.
-type Samples = HashMap<(String, Vec<(String, String)>), f64>;
-
-/// Parses a scrape into its samples' values.
-fn scrape(text: &str) -> Samples {
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines)
-        .expect("the Prometheus text parser accepts /metrics");
-    let mut out = HashMap::new();
-    for sample in scrape.samples {
-        let mut labels: Vec<(String, String)> = sample
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        labels.sort();
-        let value = match sample.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
-            prometheus_parse::Value::Summary(_) => continue,
-        };
-        out.insert((sample.metric, labels), value);
-    }
-    out
-}
-
-fn metric(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut labels: Vec<(String, String)> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    labels.sort();
-    samples.get(&(name.to_owned(), labels)).copied()
-}
-
-async fn metrics(proxy: &Proxy) -> Samples {
-    let answer = admin(proxy, "GET", "/metrics").await;
-    assert_eq!(answer.status, 200);
-    scrape(std::str::from_utf8(&answer.body).unwrap())
-}
-
 #[tokio::test]
 async fn metrics_count_known_traffic_by_code_token_and_cache_result() {
     let world = World::new().await;
@@ -168,7 +125,7 @@ async fn metrics_count_known_traffic_by_code_token_and_cache_result() {
     let crm = [("org", "acme"), ("connector", "crm")];
     let billing = [("org", "acme"), ("connector", "billing")];
     // Validation runs in the background: give it a moment to land.
-    let mut m = metrics(&proxy).await;
+    let mut m = metrics::fetch(proxy.admin).await;
     for _ in 0..50 {
         if metric(
             &m,
@@ -181,7 +138,7 @@ async fn metrics_count_known_traffic_by_code_token_and_cache_result() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        m = metrics(&proxy).await;
+        m = metrics::fetch(proxy.admin).await;
     }
     let requests = "connector_proxy_requests_total";
     assert_eq!(
@@ -449,7 +406,7 @@ async fn reload_swaps_good_files_refuses_bad_ones_and_keeps_unchanged_tokens() {
         statuses.iter().all(|s| *s == 200),
         "requests failed during reloads: {statuses:?}"
     );
-    let m = metrics(&proxy).await;
+    let m = metrics::fetch(proxy.admin).await;
     assert_eq!(
         metric(
             &m,
