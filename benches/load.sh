@@ -5,6 +5,8 @@
 #   bash benches/load.sh                 # 10 s per run, 32 connections
 #   DURATION=5 CONNECTIONS=64 bash benches/load.sh
 #   PROFILE=/tmp/cp.perf bash benches/load.sh   # also perf-record connector-proxy's Basic run
+#   MODE=quick bash benches/load.sh      # only the 32-connection table (A/B with PROXY_BIN=...)
+#   MODE=serve bash benches/load.sh      # start everything, print the ports and wait (profiling)
 #   MODE=soak bash benches/load.sh       # 1,000 connections for 60 s (SOAK_SECONDS), Basic and
 #                                        # OAuth with 2 s tokens; every answer checked, RSS sampled
 #
@@ -20,7 +22,7 @@ CONNECTIONS=${CONNECTIONS:-32}
 PROXY_CORE=${PROXY_CORE:-0}
 UPSTREAM_HTTP2=${UPSTREAM_HTTP2:-1}   # 0: the upstream offers only HTTP/1.1 (as nginx proxies to it)
 LOAD_CORE=${LOAD_CORE:-1}
-MODE=${MODE:-compare}                 # compare | soak
+MODE=${MODE:-compare}                 # compare | quick | soak | serve
 SOAK_SECONDS=${SOAK_SECONDS:-60}
 CONNECTIONS_SOAK=${CONNECTIONS_SOAK:-1000}
 PROXY_ENV=${PROXY_ENV:-}              # e.g. PROXY_ENV=MALLOC_ARENA_MAX=2, for experiments
@@ -183,11 +185,26 @@ rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 # nginx's proxy worker (the pid file names the master, which holds no connections).
 nginx_pid() { pgrep -P "$(cat "$work/nginx-px.pid")" | head -1; }
 
-# run NAME CONNECTIONS wrk-args... -> "req/s p50_ms p99_ms"
+# CPU time (user + system, all threads) of a process, in clock ticks.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+upstream_pid() { pgrep -P "$(cat "$work/nginx-up.pid")" | head -1; }
+
+# run NAME CONNECTIONS wrk-args... -> "req/s p50_ms p99_ms proxy_us upstream_us"
+# The last two are CPU microseconds per request spent by the process named in $WATCH (the proxy
+# under test; "-" when unset) and by the upstream's worker: far steadier on a noisy VM than req/s,
+# because they do not depend on how the core is shared.
 run() {
     local name=$1 conns=$2; shift 2
-    local out
+    local out up_pid w0=0 u0
+    up_pid=$(upstream_pid)
+    [ -n "${WATCH:-}" ] && w0=$(ticks "$WATCH")
+    u0=$(ticks "$up_pid")
     out=$(timeout $((DURATION + 30)) taskset -c "$LOAD_CORE" wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$@" 2>&1)
+    local w1=0 u1 requests
+    [ -n "${WATCH:-}" ] && w1=$(ticks "$WATCH")
+    u1=$(ticks "$up_pid")
+    requests=$(echo "$out" | awk '/requests in/ {print $1}')
     local errors
     errors=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}')
     [ -n "$errors" ] && echo "  $name: $errors" >&2
@@ -195,7 +212,10 @@ run() {
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     p50=$(echo "$out" | awk '$1=="50%" {print $2}')
     p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-    echo "$rps $(to_ms "$p50") $(to_ms "$p99")"
+    local per_request='BEGIN {if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "-"}'
+    local proxy_us=-
+    [ -n "${WATCH:-}" ] && proxy_us=$(awk -v t=$((w1 - w0)) -v hz="$HZ" -v n="$requests" "$per_request")
+    echo "$rps $(to_ms "$p50") $(to_ms "$p99") $proxy_us $(awk -v t=$((u1 - u0)) -v hz="$HZ" -v n="$requests" "$per_request")"
 }
 to_ms() {
     case "$1" in
@@ -204,6 +224,24 @@ to_ms() {
         *s) awk -v v="${1%s}" 'BEGIN {printf "%.3f", v*1000}' ;;
         *) echo "nan" ;;
     esac
+}
+
+row() {
+    local name=$1 res=$2 rss=$3
+    read -r rps p50 p99 pcpu ucpu <<<"$res"
+    read -r nrps _ np99 _ <<<"$ngx"
+    read -r drps _ _ _ <<<"$direct"
+    awk -v n="$name" -v r="$rps" -v a="$p50" -v b="$p99" -v m="$rss" -v nr="$nrps" -v dr="$drps" -v np="$np99" \
+        -v pc="$pcpu" -v uc="$ucpu" \
+        'BEGIN {printf "| %-36s | %9.0f | %7.3f | %7.3f | %8s | %6.2fx | %6.2fx | %6.2fx | %6s | %6s |\n", n, r, a, b, m, r/nr, r/dr, b/np, pc, uc}'
+}
+table_head() {
+    echo
+    echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); kernel $(uname -r)"
+    echo "$CONNECTIONS connections, ${DURATION}s per run, upstream and proxy on core $PROXY_CORE, wrk on core $LOAD_CORE, upstream offers h2: $UPSTREAM_HTTP2"
+    echo
+    echo "| path                                 |     req/s | p50 ms  | p99 ms  | RSS KiB  | vs nginx | vs direct | p99 vs nginx | proxy CPU us/req | upstream CPU us/req |"
+    echo "| ------------------------------------ | --------: | ------: | ------: | -------: | -------: | --------: | -----------: | -----: | -----: |"
 }
 
 if [ "$MODE" = soak ]; then
@@ -266,27 +304,42 @@ curl -s -o /dev/null "http://127.0.0.1:$NGX/"
 curl -s -o /dev/null -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/"
 curl -s -o /dev/null -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/"
 
+if [ "$MODE" = serve ]; then   # leave everything running, for profiling by hand
+    echo "connector-proxy pid $CP_PID on http://127.0.0.1:$CP (admin $CPA); nginx proxy on" \
+        "http://127.0.0.1:$NGX; upstream https://127.0.0.1:$UP (worker $(upstream_pid)). Ctrl-C stops."
+    sleep "${SERVE_SECONDS:-3600}"
+    exit 0
+fi
+
 # wrk cannot verify certificates or set SNI per host; the direct baseline is HTTPS to the upstream.
 direct=$(run direct "$CONNECTIONS" -H 'Host: crm.example.com' "https://127.0.0.1:$UP/")
-ngx=$(run nginx "$CONNECTIONS" "http://127.0.0.1:$NGX/")
+ngx=$(WATCH=$(nginx_pid) run nginx "$CONNECTIONS" "http://127.0.0.1:$NGX/")
 ngx_rss=$(rss "$(nginx_pid)")
 if [ -n "${PROFILE:-}" ]; then
     perf record -F 999 -g -p "$CP_PID" -o "$PROFILE" -- sleep "$DURATION" >/dev/null 2>&1 &
     perf_pid=$!
 fi
-basic=$(run basic "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
+basic=$(WATCH=$CP_PID run basic "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
 if [ -n "${PROFILE:-}" ]; then
     wait "$perf_pid" || true
     echo "profile written to $PROFILE: perf report -i $PROFILE --no-children --sort symbol" >&2
 fi
-oauth=$(run oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/")
+oauth=$(WATCH=$CP_PID run oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/")
 cp_rss=$(rss "$CP_PID")
+if [ "$MODE" = quick ]; then   # the 32-connection rows only, for A/B runs of two builds
+    table_head
+    row "direct HTTPS (baseline)" "$direct" "-"
+    row "nginx (Basic)" "$ngx" "$ngx_rss"
+    row "connector-proxy (Basic)" "$basic" "$cp_rss"
+    row "connector-proxy (OAuth)" "$oauth" "$cp_rss"
+    exit 0
+fi
 
 # Token rollover: the same load on a connector whose tokens live 2 s, so the proxy refreshes
 # ahead (at 20% of the lifetime left) every ~1.6 s while requests flow.
 curl -s -o /dev/null -H 'X-Connector-Name: rolling' "http://127.0.0.1:$CP/"
 rolling_before=$(wc -l <"$work/rolling.log")
-rolling=$(run rolling "$CONNECTIONS" -H 'X-Connector-Name: rolling' "http://127.0.0.1:$CP/")
+rolling=$(WATCH=$CP_PID run rolling "$CONNECTIONS" -H 'X-Connector-Name: rolling' "http://127.0.0.1:$CP/")
 rolling_tokens=$(($(wc -l <"$work/rolling.log") - rolling_before))
 
 # Memory with 1,000 client connections: first 1,000 idle keepalive connections that have each
@@ -314,30 +367,17 @@ direct1=$(run direct1 1 -H 'Host: crm.example.com' "https://127.0.0.1:$UP/")
 ngx1=$(run nginx1 1 "http://127.0.0.1:$NGX/")
 basic1=$(run basic1 1 -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
 
-row() {
-    local name=$1 res=$2 rss=$3
-    read -r rps p50 p99 <<<"$res"
-    read -r nrps _ np99 <<<"$ngx"
-    read -r drps _ _ <<<"$direct"
-    awk -v n="$name" -v r="$rps" -v a="$p50" -v b="$p99" -v m="$rss" -v nr="$nrps" -v dr="$drps" -v np="$np99" \
-        'BEGIN {printf "| %-36s | %9.0f | %7.3f | %7.3f | %8s | %6.2fx | %6.2fx | %6.2fx |\n", n, r, a, b, m, r/nr, r/dr, b/np}'
-}
-echo
-echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); kernel $(uname -r)"
-echo "$CONNECTIONS connections, ${DURATION}s per run, upstream and proxy on core $PROXY_CORE, wrk on core $LOAD_CORE, upstream offers h2: $UPSTREAM_HTTP2"
-echo
-echo "| path                                 |     req/s | p50 ms  | p99 ms  | RSS KiB  | vs nginx | vs direct | p99 vs nginx |"
-echo "| ------------------------------------ | --------: | ------: | ------: | -------: | -------: | --------: | -----------: |"
+table_head
 row "direct HTTPS (baseline)" "$direct" "-"
 row "nginx (Basic)" "$ngx" "$ngx_rss"
 row "connector-proxy (Basic)" "$basic" "$cp_rss"
 row "connector-proxy (OAuth)" "$oauth" "$cp_rss"
 row "connector-proxy (OAuth, 2 s tokens)" "$rolling" "-"
-read -r _ _ o99 <<<"$oauth"; read -r _ _ r99 <<<"$rolling"
+read -r _ _ o99 _ <<<"$oauth"; read -r _ _ r99 _ <<<"$rolling"
 awk -v o="$o99" -v r="$r99" -v t="$rolling_tokens" -v d="$DURATION" 'BEGIN {
     printf "token rollover: p99 %.3f ms against %.3f ms steady (%.2fx); %d token requests in %d s (one per ~1.6 s refresh: ~%.0f)\n", r, o, r/o, t, d, d/1.6 }'
 echo
-read -r m_rps _ m_p99 <<<"$many"; read -r mn_rps _ mn_p99 <<<"$many_ngx"
+read -r m_rps _ m_p99 _ <<<"$many"; read -r mn_rps _ mn_p99 _ <<<"$many_ngx"
 echo "1000 busy connections: connector-proxy $m_rps req/s (p99 $m_p99 ms), RSS $cp_rss_1000 KiB (peak $cp_hwm KiB); nginx $mn_rps req/s (p99 $mn_p99 ms), worker RSS $ngx_rss_1000 KiB"
 echo "1000 idle keepalive connections: connector-proxy RSS $cp_idle KiB; nginx worker RSS $ngx_idle KiB"
 read -r _ d50 _ <<<"$direct1"; read -r _ n50 _ <<<"$ngx1"; read -r _ b50 _ <<<"$basic1"
