@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use http::uri::{Scheme, Uri};
+use http::uri::{Authority, Parts, PathAndQuery, Scheme, Uri};
 use url::Host;
 
 /// A connector's `resource_domain`, parsed and normalised once at configuration time.
@@ -24,6 +24,8 @@ pub struct ResourceDomain {
     base: Vec<String>,
     /// `base` joined as a path without a trailing slash ("" or "/v2").
     base_path: String,
+    /// Host, and port unless 443: what forwarded requests carry, made once.
+    authority: Authority,
 }
 
 /// Why a resource domain in the configuration is not usable.
@@ -90,11 +92,19 @@ impl ResourceDomain {
         if base.iter().any(ambiguous) {
             return Err(DomainError::AmbiguousPath);
         }
+        let authority = if port == 443 {
+            host.to_string()
+        } else {
+            format!("{host}:{port}")
+        };
+        let authority =
+            Authority::try_from(authority).map_err(|e| DomainError::NotUrl(e.to_string()))?;
         Ok(Self {
             host,
             port,
             base_path: path.to_owned(),
             base,
+            authority,
         })
     }
 
@@ -121,27 +131,24 @@ impl ResourceDomain {
         } else {
             path
         };
-        let path = self.check_path(path)?;
-        let mut uri = String::with_capacity(path.len() + 64);
-        uri.push_str("https://");
-        uri.push_str(&self.authority());
-        uri.push_str(&path);
+        let mut path_and_query = self.check_path(path)?;
         if let Some(query) = target.query() {
-            uri.push('?');
-            uri.push_str(query);
+            path_and_query.push('?');
+            path_and_query.push_str(query);
         }
-        let uri = uri
-            .parse()
-            .map_err(|_| TargetError::Malformed("the target is not a valid URI"))?;
+        // Built from parts: the authority is shared and the path is not copied again.
+        const INVALID: TargetError = TargetError::Malformed("the target is not a valid URI");
+        let mut parts = Parts::default();
+        parts.scheme = Some(Scheme::HTTPS);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::try_from(path_and_query).map_err(|_| INVALID)?);
+        let uri = Uri::from_parts(parts).map_err(|_| INVALID)?;
         Ok(Target { uri })
     }
 
-    fn authority(&self) -> String {
-        if self.port == 443 {
-            self.host.to_string()
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+    /// The host as requests must name it (an IPv6 address in brackets).
+    pub fn host(&self) -> &str {
+        self.authority.host()
     }
 
     fn check_authority(&self, target: &Uri) -> Result<(), TargetError> {
@@ -189,6 +196,10 @@ impl ResourceDomain {
         }
         // Both what was asked and what is sent: removing dot-segments literally can change how
         // a decoding server reads the rest ("/v2/..%5c/..%2f../../x" becomes "/v2/..%5c/x").
+        // Without '%', '\\' or ';' the decoding reading is the literal one, checked above.
+        if !path.bytes().any(|b| matches!(b, b'%' | b'\\' | b';')) {
+            return Ok(out);
+        }
         for checked in [path, out.as_str()] {
             if !self.inside_when_decoded(checked) {
                 return Err(TargetError::Outside(
@@ -213,15 +224,14 @@ impl fmt::Debug for ResourceDomain {
         write!(
             f,
             "ResourceDomain(https://{}{})",
-            self.authority(),
-            self.base_path
+            self.authority, self.base_path
         )
     }
 }
 
 impl fmt::Display for ResourceDomain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "https://{}{}", self.authority(), self.base_path)
+        write!(f, "https://{}{}", self.authority, self.base_path)
     }
 }
 
