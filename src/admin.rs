@@ -13,7 +13,6 @@ use serde_json::{Value, json};
 use crate::app::App;
 use crate::config::AuthConfig;
 use crate::credentials::Credentials;
-use crate::metrics::connector_labels;
 use crate::registry::{Connector, Validation};
 
 pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Full<Bytes>> {
@@ -69,7 +68,7 @@ fn refresh_token_gauges(app: &App) {
             let left = source.status().valid_for.map_or(0.0, |d| d.as_secs_f64());
             app.metrics
                 .token_expiry
-                .get_or_create(&connector_labels(&connector.org, &connector.name))
+                .get_or_create(&connector.labels)
                 .set(left);
         }
     }
@@ -90,7 +89,7 @@ fn status(app: &App) -> Value {
         .into_iter()
         .map(|org| {
             json!({
-                "org": org.name,
+                "org": &*org.name,
                 "inbound_token": org.inbound_token.is_some(),
                 "connectors": org.connectors().into_iter().map(|c| connector_status(c)).collect::<Vec<_>>(),
             })

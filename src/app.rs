@@ -17,7 +17,7 @@ use http_body_util::{Either, Full};
 use crate::config::{Config, OAuthSettings, ServerSettings, UpstreamSettings};
 use crate::credentials::Credentials;
 use crate::forward::{self, Upstream};
-use crate::metrics::{Metrics, ReloadLabels, connector_labels};
+use crate::metrics::{Metrics, ReloadLabels};
 use crate::proxy::{Proxy, Routes};
 use crate::registry::{Connector, Registry, RegistryError, Validation};
 
@@ -181,9 +181,7 @@ impl App {
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
                 let validation = validate(&connector, &upstream, url).await;
-                let gauge = metrics
-                    .validation_ok
-                    .get_or_create(&connector_labels(&connector.org, &connector.name));
+                let gauge = metrics.validation_ok.get_or_create(&connector.labels);
                 gauge.set(i64::from(matches!(validation, Validation::Ok { .. })));
                 if let Validation::Failed { error, .. } = &validation {
                     tracing::warn!(org = %connector.org, connector = %connector.name, %error, "connector validation failed");

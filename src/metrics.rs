@@ -1,40 +1,68 @@
 //! Metric families, named as DESIGN.md fixes them, in the Prometheus text format.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, LazyLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+// Names are shared (`Arc<str>`) and codes are values, so that counting a request allocates
+// nothing: labels are built for every request.
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub org: String,
-    pub connector: String,
-    /// The upstream's status, or the proxy's error code.
-    pub code: String,
+    pub org: Arc<str>,
+    pub connector: Arc<str>,
+    pub code: Code,
+}
+
+/// The `code` label: the upstream's status, or the proxy's error code.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Code {
+    Status(u16),
+    Error(&'static str),
+}
+
+impl EncodeLabelValue for Code {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        match self {
+            Self::Status(status) => status.encode(encoder),
+            Self::Error(code) => code.encode(encoder),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectorLabels {
-    pub org: String,
-    pub connector: String,
+    pub org: Arc<str>,
+    pub connector: Arc<str>,
+}
+
+impl ConnectorLabels {
+    /// For requests that never reached a configured connector: empty, so that a caller cannot
+    /// mint label values.
+    pub fn unknown() -> Self {
+        static UNKNOWN: LazyLock<ConnectorLabels> = LazyLock::new(|| connector_labels("", ""));
+        UNKNOWN.clone()
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    pub org: String,
-    pub connector: String,
+    pub org: Arc<str>,
+    pub connector: Arc<str>,
     /// `success`, `error` or `timeout`.
     pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
-    pub org: String,
-    pub connector: String,
+    pub org: Arc<str>,
+    pub connector: Arc<str>,
     /// `hit` (a cached token was sent), `miss` (the caller waited for a fetch) or `refresh`
     /// (a background refresh ahead of expiry).
     pub result: &'static str,
@@ -154,7 +182,7 @@ impl Metrics {
 
 pub fn connector_labels(org: &str, connector: &str) -> ConnectorLabels {
     ConnectorLabels {
-        org: org.to_owned(),
-        connector: connector.to_owned(),
+        org: org.into(),
+        connector: connector.into(),
     }
 }

@@ -2,6 +2,7 @@
 //! -> inbound authentication -> target rule -> credentials -> forward. Every request ends in one
 //! canonical log line and in the request metrics.
 
+use std::borrow::Cow;
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +24,8 @@ use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::error::{self, ProxyError};
 use crate::forward::{ForwardError, Upstream};
-use crate::metrics::{Metrics, RequestLabels, connector_labels};
-use crate::registry::{Org, Registry};
+use crate::metrics::{Code, ConnectorLabels, Metrics, RequestLabels};
+use crate::registry::{Connector, Org, Registry};
 use crate::secret::Secret;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -46,17 +47,39 @@ pub struct Proxy {
 }
 
 /// What the request named and what became of it, for the error body, the log line and metrics.
+/// Nothing is copied on the way: names stay header values until an error or the log needs them.
 #[derive(Default)]
 struct Trace {
     /// As the request named them (the error body shows these).
-    org: Option<String>,
-    connector: Option<String>,
+    org: Option<Name>,
+    connector: Option<HeaderValue>,
     /// Set once the connector is found: metric labels come only from configured names, so a
     /// caller cannot mint label values.
-    known: bool,
-    host: Option<String>,
+    found: Option<Arc<Connector>>,
     token: Option<&'static str>,
     upstream_ms: Option<f64>,
+}
+
+/// An org as named by the request, or the only one, used when the request names none.
+enum Name {
+    Sent(HeaderValue),
+    Only(Arc<str>),
+}
+
+impl Trace {
+    fn org(&self) -> Option<Cow<'_, str>> {
+        match &self.org {
+            Some(Name::Sent(value)) => Some(String::from_utf8_lossy(value.as_bytes())),
+            Some(Name::Only(name)) => Some(Cow::Borrowed(name)),
+            None => None,
+        }
+    }
+
+    fn connector(&self) -> Option<Cow<'_, str>> {
+        self.connector
+            .as_ref()
+            .map(|value| String::from_utf8_lossy(value.as_bytes()))
+    }
 }
 
 impl Routes {
@@ -117,7 +140,7 @@ impl Proxy {
             }
             Err(e) => {
                 let response =
-                    error::response(&e, trace.org.as_deref(), trace.connector.as_deref(), id);
+                    error::response(&e, trace.org().as_deref(), trace.connector().as_deref(), id);
                 // The same words the caller got, never a secret; for the operator's log line.
                 detail = Some(e.to_string());
                 (
@@ -131,28 +154,27 @@ impl Proxy {
             .insert(X_REQUEST_ID, request_id.clone());
         let elapsed = started.elapsed();
         let status = response.status().as_u16();
-        let (org, connector) = match (&trace.org, &trace.connector, trace.known) {
-            (Some(org), Some(connector), true) => (org.as_str(), connector.as_str()),
-            _ => ("", ""),
+        let labels = trace
+            .found
+            .as_ref()
+            .map_or_else(ConnectorLabels::unknown, |c| c.labels.clone());
+        let counted = RequestLabels {
+            org: labels.org.clone(),
+            connector: labels.connector.clone(),
+            code: code.map_or(Code::Status(status), Code::Error),
         };
-        let code_label = code.map_or_else(|| status.to_string(), str::to_owned);
-        let labels = RequestLabels {
-            org: org.to_owned(),
-            connector: connector.to_owned(),
-            code: code_label,
-        };
-        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics.requests.get_or_create(&counted).inc();
         self.metrics
             .request_duration
-            .get_or_create(&connector_labels(org, connector))
+            .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
         tracing::info!(
             target: "connector_proxy::access",
             request_id = %id,
-            org = trace.org.as_deref().unwrap_or("-"),
-            connector = trace.connector.as_deref().unwrap_or("-"),
+            org = trace.org().as_deref().unwrap_or("-"),
+            connector = trace.connector().as_deref().unwrap_or("-"),
             method = %method,
-            host = trace.host.as_deref().unwrap_or("-"),
+            host = trace.found.as_ref().map_or("-", |c| c.resource_domain.host()),
             status,
             error = code.unwrap_or("-"),
             detail = detail.as_deref().unwrap_or("-"),
@@ -177,7 +199,10 @@ impl Routes {
         }
         let headers = request.headers();
         let connector_name = match single_header(headers, &self.connector_header) {
-            Header::One(name) => name,
+            Header::One(value) => {
+                trace.connector = Some(value.clone());
+                String::from_utf8_lossy(value.as_bytes())
+            }
             Header::Missing => {
                 return Err(ProxyError::MissingConnectorHeader(
                     self.connector_header.to_string(),
@@ -189,19 +214,19 @@ impl Routes {
                 ));
             }
         };
-        trace.connector = Some(connector_name.clone());
         let org = match single_header(headers, &self.org_header) {
-            Header::One(id) => {
-                let org = self.registry.org(&id);
-                trace.org = Some(id);
-                org.ok_or(ProxyError::UnknownOrg)?
+            Header::One(value) => {
+                trace.org = Some(Name::Sent(value.clone()));
+                self.registry
+                    .org(&String::from_utf8_lossy(value.as_bytes()))
+                    .ok_or(ProxyError::UnknownOrg)?
             }
             Header::Missing => {
                 let org = self
                     .registry
                     .only_org()
                     .ok_or_else(|| ProxyError::MissingOrgHeader(self.org_header.to_string()))?;
-                trace.org = Some(org.name.clone());
+                trace.org = Some(Name::Only(org.name.clone()));
                 org
             }
             Header::Many => {
@@ -212,12 +237,11 @@ impl Routes {
         let connector = org
             .connector(&connector_name)
             .ok_or(ProxyError::UnknownConnector)?;
-        trace.known = true;
+        trace.found = Some(connector.clone());
         let target = connector
             .resource_domain
             .resolve(request.uri())
             .map_err(|e| ProxyError::target(e, &connector.resource_domain))?;
-        trace.host = target.uri.host().map(str::to_owned);
         let (authorization, lookup) = connector.credentials.authorization().await?;
         trace.token = lookup.map(|l| l.as_str());
 
@@ -353,7 +377,7 @@ fn authenticate(org: &Org, headers: &HeaderMap) -> Result<(), ProxyError> {
     };
     // Exactly one: with two, which one a hop in between would have checked is anyone's guess.
     let presented = match single_header(headers, &header::PROXY_AUTHORIZATION) {
-        Header::One(value) => Some(value),
+        Header::One(value) => Some(String::from_utf8_lossy(value.as_bytes())),
         Header::Missing | Header::Many => None,
     };
     let presented = presented
@@ -375,19 +399,19 @@ fn tokens_match(presented: &str, expected: &Secret) -> bool {
         .into()
 }
 
-enum Header {
+enum Header<'a> {
     Missing,
-    One(String),
+    One(&'a HeaderValue),
     Many,
 }
 
-fn single_header(headers: &HeaderMap, name: &HeaderName) -> Header {
+fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Header<'a> {
     let mut values = headers.get_all(name).iter();
     match (values.next(), values.next()) {
         (None, _) => Header::Missing,
         (Some(_), Some(_)) => Header::Many,
         (Some(v), None) if v.is_empty() => Header::Missing,
-        (Some(v), None) => Header::One(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        (Some(v), None) => Header::One(v),
     }
 }
 

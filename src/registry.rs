@@ -10,7 +10,7 @@ use crate::credentials::oauth::assertion::{AssertionError, AssertionSigner};
 use crate::credentials::oauth::token_client::TokenEndpoint;
 use crate::credentials::{Credentials, basic_header};
 use crate::forward::{self, Upstream};
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectorLabels, Metrics, connector_labels};
 use crate::secret::Secret;
 use crate::target::ResourceDomain;
 
@@ -43,7 +43,7 @@ pub struct Registry {
 
 #[derive(Debug)]
 pub struct Org {
-    pub name: String,
+    pub name: Arc<str>,
     pub inbound_token: Option<Secret>,
     connectors: HashMap<String, Arc<Connector>>,
 }
@@ -52,6 +52,8 @@ pub struct Org {
 pub struct Connector {
     pub org: String,
     pub name: String,
+    /// Its org and name as metric labels, made once.
+    pub labels: ConnectorLabels,
     pub resource_domain: ResourceDomain,
     pub credentials: Credentials,
     /// What it was built from: a reload keeps a connector (and its token) whose
@@ -112,6 +114,7 @@ impl Registry {
                     None => Arc::new(Connector {
                         org: c.org.clone(),
                         name: c.name.clone(),
+                        labels: connector_labels(&c.org, &c.name),
                         resource_domain: c.resource_domain.clone(),
                         credentials: credentials(c, config, upstream, metrics)?,
                         config: c.clone(),
@@ -128,7 +131,7 @@ impl Registry {
             orgs.insert(
                 org.name.clone(),
                 Org {
-                    name: org.name.clone(),
+                    name: org.name.as_str().into(),
                     inbound_token,
                     connectors,
                 },
