@@ -205,7 +205,10 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = serving_runtime().expect("tokio runtime starts");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
     runtime.block_on(async {
         let server = match Server::bind(&config).await {
             Ok(server) => server,
@@ -225,22 +228,4 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
         server.run(server::shutdown_signal()).await;
         ExitCode::SUCCESS
     })
-}
-
-/// One worker thread per core (`TOKIO_WORKER_THREADS` overrides, as tokio reads it). With one,
-/// the current-thread scheduler: the multi-thread one would add a wake-up hand-off and work
-/// stealing for nobody, which measured about 6% more CPU per request (BENCHMARKS.md).
-fn serving_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|n| n.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
-        .unwrap_or(1);
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    builder.enable_all().build()
 }

@@ -148,58 +148,6 @@ async fn origin_form_request_reaches_upstream_with_exact_credentials_host_path_a
     world.assert_canary_untouched();
 }
 
-/// The names of the proxy's threads, from /proc.
-fn thread_names(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap())
-        .map(|name| name.trim().to_owned())
-        .collect()
-}
-
-/// With one worker (one core, or `TOKIO_WORKER_THREADS=1`) the proxy runs on the
-/// current-thread scheduler, and serves concurrent callers there just the same.
-#[tokio::test]
-async fn one_worker_serves_concurrent_requests_on_the_current_thread() {
-    let world = World::new().await;
-    let config = world.config("allow_networks = [\"127.0.0.0/8\"]", "");
-    let one = Proxy::start(
-        &config,
-        &[("ca.pem", &world.pki.ca_pem())],
-        &[("CRM_PASSWORD", PASSWORD), ("TOKIO_WORKER_THREADS", "1")],
-    );
-    let two = Proxy::start(
-        &config,
-        &[("ca.pem", &world.pki.ca_pem())],
-        &[("CRM_PASSWORD", PASSWORD), ("TOKIO_WORKER_THREADS", "2")],
-    );
-    for proxy in [&one, &two] {
-        let mut calls = tokio::task::JoinSet::new();
-        for i in 0..20 {
-            let addr = proxy.addr;
-            calls.spawn(async move { get(addr, &format!("/v1/contacts/{i}"), &[CONNECTOR]).await });
-        }
-        for answer in calls.join_all().await {
-            assert_eq!(answer.status, 200, "{answer:?}");
-        }
-    }
-    let seen = world.crm.seen();
-    assert_eq!(seen.len(), 40);
-    assert!(
-        seen.iter()
-            .all(|r| r.headers["authorization"] == expected_basic().as_str())
-    );
-    let workers = |pid| {
-        thread_names(pid)
-            .iter()
-            .filter(|name| *name == "tokio-rt-worker")
-            .count()
-    };
-    assert_eq!(workers(one.pid()), 0, "{:?}", thread_names(one.pid()));
-    assert_eq!(workers(two.pid()), 2, "{:?}", thread_names(two.pid()));
-    world.assert_canary_untouched();
-}
-
 #[tokio::test]
 async fn absolute_form_over_http1_sets_host_without_default_port() {
     let world = World::new().await;
