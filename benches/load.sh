@@ -22,6 +22,9 @@ CONNECTIONS=${CONNECTIONS:-32}
 PROXY_CORE=${PROXY_CORE:-0}
 UPSTREAM_HTTP2=${UPSTREAM_HTTP2:-1}   # 0: the upstream offers only HTTP/1.1 (as nginx proxies to it)
 LOAD_CORE=${LOAD_CORE:-1}
+# Requests per upstream connection before nginx closes it (for HTTP/2: a GOAWAY, after which the
+# proxy opens a new connection and sends refused streams again).
+UPSTREAM_KEEPALIVE_REQUESTS=${UPSTREAM_KEEPALIVE_REQUESTS:-1000000}
 MODE=${MODE:-compare}                 # compare | quick | soak | serve
 SOAK_SECONDS=${SOAK_SECONDS:-60}
 CONNECTIONS_SOAK=${CONNECTIONS_SOAK:-1000}
@@ -74,7 +77,7 @@ error_log $work/upstream-error.log warn;
 events { worker_connections 4096; }
 http {
     access_log off;
-    keepalive_requests 1000000;
+    keepalive_requests $UPSTREAM_KEEPALIVE_REQUESTS;
     server {
         listen 127.0.0.1:$UP ssl;
         http2 on;
