@@ -112,13 +112,31 @@ impl Upstream {
         self.send_within(request, self.request_timeout).await
     }
 
-    /// Sends `request` again, on the retry pool, after [`ForwardError::NotProcessed`] or
-    /// [`ForwardError::NotSent`].
-    pub async fn send_again(
+    /// Sends `first`, waiting at most `timeout` for each answer. When the upstream turned it
+    /// away unprocessed ([`ForwardError::NotProcessed`], as HTTP/2 servers do to streams beyond a
+    /// graceful GOAWAY), or with `unsent_too` when hyper dropped it unsent
+    /// ([`ForwardError::NotSent`]), sends what `again` builds on the retry pool (the main pool may
+    /// still hand out the closing connection), up to [`UNPROCESSED_RETRIES`] times. `again`
+    /// answering `None` ends the attempts with the last error.
+    pub async fn send_resending(
         &self,
-        request: Request<UpstreamBody>,
+        first: Request<UpstreamBody>,
+        timeout: Duration,
+        unsent_too: bool,
+        mut again: impl FnMut() -> Option<Request<UpstreamBody>>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        Self::send_on(&self.retry_client, request, self.request_timeout).await
+        let mut result = Self::send_on(&self.client, first, timeout).await;
+        for _ in 0..UNPROCESSED_RETRIES {
+            let why = match &result {
+                Err(ForwardError::NotProcessed(why)) => why,
+                Err(ForwardError::NotSent(why)) if unsent_too => why,
+                _ => break,
+            };
+            tracing::debug!(%why, "sending again on another connection");
+            let Some(request) = again() else { break };
+            result = Self::send_on(&self.retry_client, request, timeout).await;
+        }
+        result
     }
 
     /// Sends `request` and waits for the response headers, at most `timeout`.
@@ -145,6 +163,11 @@ impl Upstream {
         }
     }
 }
+
+/// How often a request the upstream turned away unprocessed is sent again. One is what a
+/// server closing connections after N requests needs; the rest cover a burst that meets the
+/// next connection's closing too.
+pub const UNPROCESSED_RETRIES: u32 = 2;
 
 /// Finds our own connect error, or HTTP/2's word that a stream was not processed, in hyper's
 /// chain; anything else (a reset, a protocol error) is an unreachable upstream, described by

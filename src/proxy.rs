@@ -23,7 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::error::{self, ProxyError};
-use crate::forward::{ForwardError, Upstream};
+use crate::forward::Upstream;
 use crate::metrics::{Code, ConnectorLabels, Metrics, RequestLabels};
 use crate::registry::{Connector, Org, Registry};
 use crate::secret::Secret;
@@ -293,9 +293,9 @@ impl Routes {
         Ok(response)
     }
 
-    /// Sends a copy of `parts` with `body`, for a request that may go more than once; again
-    /// (up to `UNPROCESSED_RETRIES` times) when the upstream turned it away unprocessed, as
-    /// HTTP/2 servers do to streams beyond a graceful GOAWAY.
+    /// Sends a copy of `parts` with `body`, for a request that may go more than once: again
+    /// when the upstream turned it away unprocessed, and when hyper dropped it unsent if its
+    /// method is idempotent.
     async fn send(
         &self,
         parts: &http::request::Parts,
@@ -312,17 +312,12 @@ impl Routes {
                 .insert(header::AUTHORIZATION, authorization.clone());
             request
         };
-        let mut result = self.upstream.send(copy()).await;
-        for _ in 0..UNPROCESSED_RETRIES {
-            let why = match &result {
-                Err(ForwardError::NotProcessed(why)) => why,
-                Err(ForwardError::NotSent(why)) if parts.method.is_idempotent() => why,
-                _ => break,
-            };
-            tracing::debug!(%why, "sending again on another connection");
-            result = self.upstream.send_again(copy()).await;
-        }
-        Ok(result?)
+        let timeout = self.upstream.request_timeout();
+        let unsent_too = parts.method.is_idempotent();
+        Ok(self
+            .upstream
+            .send_resending(copy(), timeout, unsent_too, || Some(copy()))
+            .await?)
     }
 
     /// The whole body when it is empty or has a `Content-Length` within
@@ -349,11 +344,6 @@ impl Routes {
         }
     }
 }
-
-/// How often a request the upstream turned away unprocessed is sent again. One is what a
-/// server closing connections after N requests needs; the rest cover a burst that meets the
-/// next connection's closing too.
-const UNPROCESSED_RETRIES: u32 = 2;
 
 /// Counts a request in `connector_proxy_inflight_requests` until its response body is done.
 pub struct InflightGuard(Gauge);

@@ -414,6 +414,83 @@ password = "p"
     assert_eq!(served.load(Ordering::SeqCst), 41);
 }
 
+/// An HTTP/2 host that refuses the first stream it is ever sent (RST_STREAM with
+/// REFUSED_STREAM: not processed) and then answers every request: a token at `/oauth2/token`,
+/// "ok" elsewhere. It records the `Authorization` of each request it answers.
+async fn refuses_first_stream(pki: &Pki) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let config = server_config(&pki.leaf(&["login.example.com"]), &[b"h2"]);
+    let streams = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = answered.clone();
+    let (addr, _task) = accept_tls(config, move |tls| {
+        let (streams, seen) = (streams.clone(), seen.clone());
+        async move {
+            let Ok(mut connection) = h2::server::handshake(tls).await else {
+                return;
+            };
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                if streams.fetch_add(1, Ordering::SeqCst) == 0 {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                }
+                let authorization = request.headers().get("authorization");
+                let authorization = authorization.map(|v| v.to_str().unwrap().to_owned());
+                seen.lock().unwrap().push(authorization.unwrap_or_default());
+                let body: &'static str = if request.uri().path() == "/oauth2/token" {
+                    r#"{"access_token":"issued-after-refusal","token_type":"Bearer","expires_in":3600}"#
+                } else {
+                    "ok"
+                };
+                let head = http::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(())
+                    .unwrap();
+                if let Ok(mut stream) = respond.send_response(head, false) {
+                    let _ = stream.send_data(Bytes::from_static(body.as_bytes()), true);
+                }
+            }
+        }
+    })
+    .await;
+    (addr, answered)
+}
+
+/// A token request the endpoint turned away unprocessed is sent again, like any other
+/// request: without that, every caller would get `token_unavailable` for the whole back-off.
+#[tokio::test]
+async fn a_token_request_turned_away_unprocessed_is_sent_again() {
+    let pki = Pki::new();
+    let (login, answered) = refuses_first_stream(&pki).await;
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[upstream]
+extra_ca_file = "ca.pem"
+allow_networks = ["127.0.0.0/8"]
+resolve = {{ "login.example.com:443" = "{login}" }}
+
+[orgs.acme.connectors.billing]
+auth = "oauth2"
+grant = "client_credentials"
+resource_domain = "https://login.example.com/api"
+token_url = "https://login.example.com/oauth2/token"
+client_id = "flow"
+client_auth = "client_secret_post"
+client_secret = "post-secret"
+"#
+    );
+    let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
+    let (status, body) = fetch(proxy.addr, "billing").await;
+    assert_eq!(status, 200, "{body:?}\n{}", proxy.log_text());
+    // The refused token request was sent again and the resource got the token it brought.
+    let answered = answered.lock().unwrap().clone();
+    assert_eq!(answered.len(), 2, "{answered:?}");
+    assert_eq!(answered[1], "Bearer issued-after-refusal");
+}
+
 #[tokio::test]
 async fn a_stalled_token_endpoint_fails_only_its_own_callers() {
     use common::token::{Method, Mode, TokenServer};

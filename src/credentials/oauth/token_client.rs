@@ -96,11 +96,15 @@ impl TokenEndpoint {
     }
 
     pub async fn request(&self, grant: GrantRequest<'_>) -> Result<Issued, TokenError> {
-        let request = self.build(grant)?;
+        let request = self.build(&grant)?;
         let exchange = async {
+            // Sent again when the endpoint turned it away unprocessed or it never left: a token
+            // server behind HTTP/2 closing connections (nginx's keepalive_requests) would
+            // otherwise fail every caller for the whole back-off.
+            let again = || self.build(&grant).ok();
             let response = self
                 .upstream
-                .send_within(request, self.timeout)
+                .send_resending(request, self.timeout, true, again)
                 .await
                 .map_err(|e| match e {
                     ForwardError::Timeout(_) => TokenError::Timeout(self.timeout),
@@ -126,7 +130,7 @@ impl TokenEndpoint {
 
     fn build(
         &self,
-        grant: GrantRequest<'_>,
+        grant: &GrantRequest<'_>,
     ) -> Result<Request<Either<hyper::body::Incoming, Full<Bytes>>>, TokenError> {
         let c = &self.client;
         let mut form = form_urlencoded::Serializer::new(String::new());
