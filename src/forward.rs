@@ -109,7 +109,7 @@ impl Upstream {
         &self,
         request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        self.send_within(request, self.request_timeout).await
+        Self::send_on(&self.client, request, self.request_timeout).await
     }
 
     /// Sends `first`, waiting at most `timeout` for each answer. When the upstream turned it
@@ -137,15 +137,6 @@ impl Upstream {
             result = Self::send_on(&self.retry_client, request, timeout).await;
         }
         result
-    }
-
-    /// Sends `request` and waits for the response headers, at most `timeout`.
-    pub async fn send_within(
-        &self,
-        request: Request<UpstreamBody>,
-        timeout: Duration,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        Self::send_on(&self.client, request, timeout).await
     }
 
     async fn send_on(

@@ -69,16 +69,14 @@ enum Name {
 impl Trace {
     fn org(&self) -> Option<Cow<'_, str>> {
         match &self.org {
-            Some(Name::Sent(value)) => Some(String::from_utf8_lossy(value.as_bytes())),
+            Some(Name::Sent(value)) => Some(text(value)),
             Some(Name::Only(name)) => Some(Cow::Borrowed(name)),
             None => None,
         }
     }
 
     fn connector(&self) -> Option<Cow<'_, str>> {
-        self.connector
-            .as_ref()
-            .map(|value| String::from_utf8_lossy(value.as_bytes()))
+        self.connector.as_ref().map(text)
     }
 }
 
@@ -201,7 +199,7 @@ impl Routes {
         let connector_name = match single_header(headers, &self.connector_header) {
             Header::One(value) => {
                 trace.connector = Some(value.clone());
-                String::from_utf8_lossy(value.as_bytes())
+                text(value)
             }
             Header::Missing => {
                 return Err(ProxyError::MissingConnectorHeader(
@@ -218,7 +216,7 @@ impl Routes {
             Header::One(value) => {
                 trace.org = Some(Name::Sent(value.clone()));
                 self.registry
-                    .org(&String::from_utf8_lossy(value.as_bytes()))
+                    .org(&text(value))
                     .ok_or(ProxyError::UnknownOrg)?
             }
             Header::Missing => {
@@ -367,7 +365,7 @@ fn authenticate(org: &Org, headers: &HeaderMap) -> Result<(), ProxyError> {
     };
     // Exactly one: with two, which one a hop in between would have checked is anyone's guess.
     let presented = match single_header(headers, &header::PROXY_AUTHORIZATION) {
-        Header::One(value) => Some(String::from_utf8_lossy(value.as_bytes())),
+        Header::One(value) => Some(text(value)),
         Header::Missing | Header::Many => None,
     };
     let presented = presented
@@ -387,6 +385,11 @@ fn tokens_match(presented: &str, expected: &Secret) -> bool {
         .as_bytes()
         .ct_eq(expected.expose().as_bytes())
         .into()
+}
+
+/// A header value as text: borrowed when it is UTF-8, which is the only way a name can match.
+fn text(value: &HeaderValue) -> Cow<'_, str> {
+    String::from_utf8_lossy(value.as_bytes())
 }
 
 enum Header<'a> {
