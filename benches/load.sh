@@ -238,6 +238,13 @@ row() {
         -v pc="$pcpu" -v uc="$ucpu" \
         'BEGIN {printf "| %-36s | %9.0f | %7.3f | %7.3f | %8s | %6.2fx | %6.2fx | %6.2fx | %6s | %6s |\n", n, r, a, b, m, r/nr, r/dr, b/np, pc, uc}'
 }
+# The 32-connection rows both modes print.
+steady_rows() {
+    row "direct HTTPS (baseline)" "$direct" "-"
+    row "nginx (Basic)" "$ngx" "$ngx_rss"
+    row "connector-proxy (Basic)" "$basic" "$cp_rss"
+    row "connector-proxy (OAuth)" "$oauth" "$cp_rss"
+}
 table_head() {
     echo
     echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); kernel $(uname -r)"
@@ -331,10 +338,7 @@ oauth=$(WATCH=$CP_PID run oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "htt
 cp_rss=$(rss "$CP_PID")
 if [ "$MODE" = quick ]; then   # the 32-connection rows only, for A/B runs of two builds
     table_head
-    row "direct HTTPS (baseline)" "$direct" "-"
-    row "nginx (Basic)" "$ngx" "$ngx_rss"
-    row "connector-proxy (Basic)" "$basic" "$cp_rss"
-    row "connector-proxy (OAuth)" "$oauth" "$cp_rss"
+    steady_rows
     exit 0
 fi
 
@@ -371,10 +375,7 @@ ngx1=$(run nginx1 1 "http://127.0.0.1:$NGX/")
 basic1=$(run basic1 1 -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
 
 table_head
-row "direct HTTPS (baseline)" "$direct" "-"
-row "nginx (Basic)" "$ngx" "$ngx_rss"
-row "connector-proxy (Basic)" "$basic" "$cp_rss"
-row "connector-proxy (OAuth)" "$oauth" "$cp_rss"
+steady_rows
 row "connector-proxy (OAuth, 2 s tokens)" "$rolling" "-"
 read -r _ _ o99 _ <<<"$oauth"; read -r _ _ r99 _ <<<"$rolling"
 awk -v o="$o99" -v r="$r99" -v t="$rolling_tokens" -v d="$DURATION" 'BEGIN {

@@ -111,19 +111,22 @@ impl Registry {
                     .filter(|old| old.config == *c);
                 let connector = match kept {
                     Some(old) => old.clone(),
-                    None => Arc::new(Connector {
-                        org: c.org.clone(),
-                        name: c.name.clone(),
-                        labels: connector_labels(&c.org, &c.name),
-                        resource_domain: c.resource_domain.clone(),
-                        credentials: credentials(c, config, upstream, metrics)?,
-                        config: c.clone(),
-                        validation: Mutex::new(if c.validation_url.is_some() {
-                            Validation::Pending
-                        } else {
-                            Validation::None
-                        }),
-                    }),
+                    None => {
+                        let labels = connector_labels(&c.org, &c.name);
+                        Arc::new(Connector {
+                            org: c.org.clone(),
+                            name: c.name.clone(),
+                            credentials: credentials(c, &labels, config, upstream, metrics)?,
+                            labels,
+                            resource_domain: c.resource_domain.clone(),
+                            config: c.clone(),
+                            validation: Mutex::new(if c.validation_url.is_some() {
+                                Validation::Pending
+                            } else {
+                                Validation::None
+                            }),
+                        })
+                    }
                 };
                 connectors.insert(c.name.clone(), connector);
             }
@@ -181,6 +184,7 @@ impl Org {
 
 fn credentials(
     c: &ConnectorConfig,
+    labels: &ConnectorLabels,
     config: &Config,
     upstream: &Upstream,
     metrics: &Arc<Metrics>,
@@ -224,8 +228,7 @@ fn credentials(
         config.oauth.token_timeout,
     );
     Ok(Credentials::OAuth(TokenSource::new(
-        &c.org,
-        &c.name,
+        labels.clone(),
         endpoint,
         config.oauth.clone(),
         metrics.clone(),

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use super::CredentialError;
 use crate::config::OAuthSettings;
-use crate::metrics::{CacheLabels, ConnectorLabels, Metrics, OutcomeLabels, connector_labels};
+use crate::metrics::{CacheLabels, ConnectorLabels, Metrics, OutcomeLabels};
 use crate::secret::Secret;
 use token_client::{GrantRequest, Issued, TokenEndpoint, TokenError};
 
@@ -92,14 +92,13 @@ impl Lookup {
 
 impl TokenSource {
     pub fn new(
-        org: &str,
-        connector: &str,
+        labels: ConnectorLabels,
         endpoint: TokenEndpoint,
         settings: OAuthSettings,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            labels: connector_labels(org, connector),
+            labels,
             metrics,
             endpoint,
             settings,
