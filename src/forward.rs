@@ -3,6 +3,7 @@
 //! offers it) and timeouts. Token requests use the same client.
 
 pub mod connect;
+pub mod http2;
 pub mod policy;
 
 use std::error::Error as _;
@@ -18,15 +19,19 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{ClientIdentity, UpstreamSettings};
 use connect::{ConnectError, UpstreamConnector};
+use http2::{Http2Body, Http2Pool, Route};
 use policy::AddressPolicy;
 
 /// A body sent upstream: the caller's, streamed, or one the proxy holds whole (a token request,
 /// a replayed request).
 pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
 
+/// A response body from upstream: read from an HTTP/2 stream, or from hyper's HTTP/1.1 client.
+pub type ReceivedBody = Either<Http2Body, Incoming>;
+
 /// What went wrong upstream, already sorted into the error contract's kinds. Messages name the
 /// host and cause, never a credential.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ForwardError {
     #[error("{0}")]
     AddressDenied(String),
@@ -48,6 +53,8 @@ pub enum ForwardError {
 
 #[derive(Clone)]
 pub struct Upstream {
+    http2: Arc<Http2Pool>,
+    /// For servers that chose HTTP/1.1 (hyper's pooled client).
     client: Client<UpstreamConnector, UpstreamBody>,
     /// A pool of its own for requests sent again after the upstream turned them away: the
     /// main pool may still hand out the connection that is closing.
@@ -88,10 +95,11 @@ impl Upstream {
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_idle_timeout(IDLE_TIMEOUT)
                 .build(connector.clone())
         };
         Self {
+            http2: Arc::new(Http2Pool::new(connector.clone(), IDLE_TIMEOUT)),
             client: client(),
             retry_client: client(),
             request_timeout: settings.request_timeout,
@@ -108,24 +116,26 @@ impl Upstream {
     pub async fn send(
         &self,
         request: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        Self::send_on(&self.client, request, self.request_timeout).await
+    ) -> Result<Response<ReceivedBody>, ForwardError> {
+        self.send_on(&self.client, request, self.request_timeout)
+            .await
     }
 
     /// Sends `first`, waiting at most `timeout` for each answer. When the upstream turned it
     /// away unprocessed ([`ForwardError::NotProcessed`], as HTTP/2 servers do to streams beyond a
     /// graceful GOAWAY), or with `unsent_too` when hyper dropped it unsent
-    /// ([`ForwardError::NotSent`]), sends what `again` builds on the retry pool (the main pool may
-    /// still hand out the closing connection), up to [`UNPROCESSED_RETRIES`] times. `again`
-    /// answering `None` ends the attempts with the last error.
+    /// ([`ForwardError::NotSent`]), sends what `again` builds on a new connection (the HTTP/2
+    /// pool forgets a connection going away; HTTP/1.1 requests go to the retry pool, as the main
+    /// pool may still hand out the closing connection), up to [`UNPROCESSED_RETRIES`] times.
+    /// `again` answering `None` ends the attempts with the last error.
     pub async fn send_resending(
         &self,
         first: Request<UpstreamBody>,
         timeout: Duration,
         unsent_too: bool,
         mut again: impl FnMut() -> Option<Request<UpstreamBody>>,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        let mut result = Self::send_on(&self.client, first, timeout).await;
+    ) -> Result<Response<ReceivedBody>, ForwardError> {
+        let mut result = self.send_on(&self.client, first, timeout).await;
         for _ in 0..UNPROCESSED_RETRIES {
             let why = match &result {
                 Err(ForwardError::NotProcessed(why)) => why,
@@ -134,26 +144,40 @@ impl Upstream {
             };
             tracing::debug!(%why, "sending again on another connection");
             let Some(request) = again() else { break };
-            result = Self::send_on(&self.retry_client, request, timeout).await;
+            result = self.send_on(&self.retry_client, request, timeout).await;
         }
         result
     }
 
+    /// Sends on the authority's HTTP/2 connection, or on `client` where the server chose
+    /// HTTP/1.1; `timeout` covers connecting too.
     async fn send_on(
+        &self,
         client: &Client<UpstreamConnector, UpstreamBody>,
         mut request: Request<UpstreamBody>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        // The pool picks HTTP/2 or HTTP/1.1 per connection; an HTTP/2-versioned request would
-        // fail on a pooled HTTP/1 connection.
-        *request.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(timeout, client.request(request)).await {
-            Err(_) => Err(ForwardError::Timeout(timeout)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(classify(e)),
-        }
+    ) -> Result<Response<ReceivedBody>, ForwardError> {
+        let exchange = async {
+            match self.http2.route(request.uri()).await? {
+                Route::Http2(conn) => Ok(conn.send(request).await?.map(Either::Left)),
+                Route::Http1 => {
+                    // An HTTP/2-versioned request would fail on a pooled HTTP/1 connection.
+                    *request.version_mut() = Version::HTTP_11;
+                    match client.request(request).await {
+                        Ok(response) => Ok(response.map(Either::Right)),
+                        Err(e) => Err(classify(e)),
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(ForwardError::Timeout(timeout)))
     }
 }
+
+/// How long an upstream connection may sit unused before it is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How often a request the upstream turned away unprocessed is sent again. One is what a
 /// server closing connections after N requests needs; the rest cover a burst that meets the
@@ -168,12 +192,7 @@ fn classify(error: hyper_util::client::legacy::Error) -> ForwardError {
     let mut source = error.source();
     while let Some(e) = source {
         if let Some(connect) = e.downcast_ref::<ConnectError>() {
-            let message = connect.to_string();
-            return match connect {
-                ConnectError::AddressDenied { .. } => ForwardError::AddressDenied(message),
-                ConnectError::Tls { .. } => ForwardError::Tls(message),
-                _ => ForwardError::Unreachable(message),
-            };
+            return connect.into();
         }
         // hyper drops a request still queued for a connection whose task has ended ("dispatch
         // task is gone"); there is no predicate for it, only this user-error kind and its words.
@@ -182,17 +201,30 @@ fn classify(error: hyper_util::client::legacy::Error) -> ForwardError {
         {
             return ForwardError::NotSent(format!("the upstream connection closed first: {e}"));
         }
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            let graceful_goaway =
-                h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
-            if graceful_goaway || h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                return ForwardError::NotProcessed(format!(
-                    "the upstream turned the request away unprocessed: {h2}"
-                ));
-            }
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && let not_processed @ ForwardError::NotProcessed(_) = http2::classify(h2)
+        {
+            return not_processed;
         }
         innermost = e.to_string();
         source = e.source();
     }
     ForwardError::Unreachable(format!("the upstream connection failed: {innermost}"))
+}
+
+impl From<&ConnectError> for ForwardError {
+    fn from(error: &ConnectError) -> Self {
+        let message = error.to_string();
+        match error {
+            ConnectError::AddressDenied { .. } => Self::AddressDenied(message),
+            ConnectError::Tls { .. } => Self::Tls(message),
+            _ => Self::Unreachable(message),
+        }
+    }
+}
+
+impl From<ConnectError> for ForwardError {
+    fn from(error: ConnectError) -> Self {
+        (&error).into()
+    }
 }

@@ -23,7 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::error::{self, ProxyError};
-use crate::forward::Upstream;
+use crate::forward::{ReceivedBody, Upstream};
 use crate::metrics::{Code, ConnectorLabels, Metrics, RequestLabels};
 use crate::registry::{Connector, Org, Registry};
 use crate::secret::Secret;
@@ -191,7 +191,7 @@ impl Routes {
         request: Request<Incoming>,
         request_id: &HeaderValue,
         trace: &mut Trace,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ReceivedBody>, ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
         }
@@ -299,7 +299,7 @@ impl Routes {
         parts: &http::request::Parts,
         body: Bytes,
         authorization: HeaderValue,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ReceivedBody>, ProxyError> {
         let copy = || {
             let mut request = Request::new(Either::Right(Full::new(body.clone())));
             *request.method_mut() = parts.method.clone();
@@ -486,7 +486,7 @@ fn splitmix64(mut x: u64) -> u64 {
 /// The response body: the upstream's, streamed, or the proxy's own error. Holds the
 /// concurrency permit and the in-flight count until the body is done.
 pub struct ResponseBody {
-    inner: Either<Incoming, Full<Bytes>>,
+    inner: Either<ReceivedBody, Full<Bytes>>,
     stall: Option<Stall>,
     _permit: Option<OwnedSemaphorePermit>,
     _inflight: InflightGuard,
@@ -532,7 +532,7 @@ struct BodyStalled(Duration);
 
 impl ResponseBody {
     fn new(
-        inner: Either<Incoming, Full<Bytes>>,
+        inner: Either<ReceivedBody, Full<Bytes>>,
         permit: Option<OwnedSemaphorePermit>,
         inflight: InflightGuard,
     ) -> Self {

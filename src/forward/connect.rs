@@ -8,11 +8,12 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use http::uri::Authority;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -38,6 +39,8 @@ pub enum ConnectError {
     Timeout { host: String, timeout: Duration },
     #[error("TLS handshake with {host} failed: {source}")]
     Tls { host: String, source: io::Error },
+    #[error("HTTP/2 handshake with {host} failed: {source}")]
+    Handshake { host: String, source: h2::Error },
     #[error("only https targets are forwarded")]
     NotHttps,
 }
@@ -48,6 +51,9 @@ pub struct UpstreamConnector {
 }
 
 struct Inner {
+    /// Connections made by the HTTP/2 pool to servers that chose HTTP/1.1, waiting for the
+    /// HTTP/1.1 pool to ask for them, so that no handshake is wasted.
+    parked: Mutex<Vec<(Authority, UpstreamStream)>>,
     tls: TlsConnector,
     policy: AddressPolicy,
     pins: HashMap<(String, u16), SocketAddr>,
@@ -63,12 +69,44 @@ impl UpstreamConnector {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                parked: Mutex::default(),
                 tls: TlsConnector::from(tls),
                 policy,
                 pins,
                 timeout,
             }),
         }
+    }
+}
+
+impl UpstreamConnector {
+    /// A TLS connection to `uri`'s authority within `upstream.connect_timeout`.
+    pub async fn connect(&self, uri: &Uri) -> Result<UpstreamStream, ConnectError> {
+        let timeout = self.inner.timeout;
+        match tokio::time::timeout(timeout, self.inner.connect(uri)).await {
+            Ok(result) => result,
+            Err(_) => Err(ConnectError::Timeout {
+                host: uri.host().unwrap_or_default().to_owned(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Keeps `stream` for the next HTTP/1.1 connect to `authority`.
+    pub fn park(&self, authority: Authority, stream: UpstreamStream) {
+        self.inner
+            .parked
+            .lock()
+            .expect("parked lock")
+            .push((authority, stream));
+    }
+
+    fn unpark(&self, uri: &Uri) -> Option<UpstreamStream> {
+        let mut parked = self.inner.parked.lock().expect("parked lock");
+        let i = parked
+            .iter()
+            .position(|(a, _)| Some(a) == uri.authority())?;
+        Some(parked.swap_remove(i).1)
     }
 }
 
@@ -82,20 +120,19 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let inner = self.inner.clone();
+        let connector = self.clone();
         Box::pin(async move {
-            let host = uri.host().unwrap_or_default().to_owned();
-            let timeout = inner.timeout;
-            match tokio::time::timeout(timeout, inner.connect(&uri)).await {
-                Ok(result) => result,
-                Err(_) => Err(ConnectError::Timeout { host, timeout }),
-            }
+            let stream = match connector.unpark(&uri) {
+                Some(stream) => stream,
+                None => connector.connect(&uri).await?,
+            };
+            Ok(TokioIo::new(stream))
         })
     }
 }
 
 impl Inner {
-    async fn connect(&self, uri: &Uri) -> Result<TokioIo<UpstreamStream>, ConnectError> {
+    async fn connect(&self, uri: &Uri) -> Result<UpstreamStream, ConnectError> {
         if uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
             return Err(ConnectError::NotHttps);
         }
@@ -166,17 +203,23 @@ impl Inner {
                 host: host.to_owned(),
                 source,
             })?;
-        Ok(TokioIo::new(UpstreamStream(tls)))
+        Ok(UpstreamStream(tls))
     }
 }
 
 /// A TLS connection to an upstream; tells the pool whether ALPN chose HTTP/2.
 pub struct UpstreamStream(TlsStream<TcpStream>);
 
+impl UpstreamStream {
+    pub fn is_h2(&self) -> bool {
+        self.0.get_ref().1.alpn_protocol() == Some(b"h2")
+    }
+}
+
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
         let connected = Connected::new();
-        if self.0.get_ref().1.alpn_protocol() == Some(b"h2") {
+        if self.is_h2() {
             connected.negotiated_h2()
         } else {
             connected

@@ -1,0 +1,479 @@
+//! HTTP/2 upstreams driven through `h2` directly: one connection per target authority, shared
+//! by every request to it. Through hyper-util's pooled client each request paid a pool
+//! checkout, a channel hop to hyper's dispatch task and a task spawned to wait for its answer
+//! (BENCHMARKS finding 12); here the handler opens its stream on the connection itself and
+//! waits for the answer itself. An authority whose server does not offer `h2` by ALPN is
+//! remembered, and its connection handed to the HTTP/1.1 pool.
+
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::uri::Authority;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+
+use super::connect::{ConnectError, UpstreamConnector};
+use super::{ForwardError, UpstreamBody};
+
+/// hyper's HTTP/2 client settings, kept so that upstreams see what they saw before.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_FRAME: u32 = 16 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
+
+pub struct Http2Pool {
+    hosts: Mutex<HashMap<Authority, Arc<Host>>>,
+    connector: UpstreamConnector,
+    idle_timeout: Duration,
+}
+
+/// One target authority.
+#[derive(Default)]
+struct Host {
+    current: Mutex<Option<Slot>>,
+    /// Held while a connection is made, so that concurrent first requests make one. Holds the
+    /// last failure: those who waited for that attempt share its error instead of each trying
+    /// again in turn (a thousand callers must not queue up a thousand connect timeouts).
+    connecting: tokio::sync::Mutex<Option<(Instant, ForwardError)>>,
+    /// The server chose HTTP/1.1: its requests go to the HTTP/1.1 pool.
+    http1: AtomicBool,
+}
+
+struct Slot {
+    conn: Conn,
+    /// Dropped with the slot (a pool dropped after a reload, a connection replaced): tells the
+    /// connection task to close once its last stream is done. h2 alone would not notice.
+    _close: oneshot::Sender<()>,
+}
+
+/// A handle to one live connection.
+#[derive(Clone)]
+pub struct Conn {
+    send: SendRequest<Bytes>,
+    id: u64,
+    /// Shared with the connection task; each handle and response body is a count of use.
+    state: Arc<ConnState>,
+    /// Weak: the host's slot holds this handle.
+    host: Weak<Host>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    /// Cleared by the connection task when it ends.
+    ended: AtomicBool,
+    /// Streams opened so far, for telling an idle connection.
+    opened: AtomicU64,
+}
+
+/// Where a request goes: onto an HTTP/2 connection, or to the HTTP/1.1 pool.
+pub enum Route {
+    Http2(Conn),
+    Http1,
+}
+
+impl Http2Pool {
+    pub fn new(connector: UpstreamConnector, idle_timeout: Duration) -> Self {
+        Self {
+            hosts: Mutex::default(),
+            connector,
+            idle_timeout,
+        }
+    }
+
+    /// The live connection for `uri`'s authority, made when there is none (one connect at a
+    /// time per authority; the others wait for it).
+    pub async fn route(&self, uri: &Uri) -> Result<Route, ForwardError> {
+        let Some(authority) = uri.authority() else {
+            return Err(ConnectError::NotHttps.into());
+        };
+        let host = {
+            let mut hosts = self.hosts.lock().expect("pool lock");
+            match hosts.get(authority) {
+                Some(host) => host.clone(),
+                None => hosts.entry(authority.clone()).or_default().clone(),
+            }
+        };
+        if let Some(route) = host.current() {
+            return Ok(route);
+        }
+        let asked = Instant::now();
+        let mut last_failure = host.connecting.lock().await;
+        if let Some(route) = host.current() {
+            return Ok(route);
+        }
+        if let Some((at, error)) = &*last_failure
+            && *at >= asked
+        {
+            return Err(error.clone());
+        }
+        match self.connect(uri, authority, &host).await {
+            Ok(route) => Ok(route),
+            Err(error) => {
+                *last_failure = Some((Instant::now(), error.clone()));
+                Err(error)
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        uri: &Uri,
+        authority: &Authority,
+        host: &Arc<Host>,
+    ) -> Result<Route, ForwardError> {
+        let stream = self.connector.connect(uri).await?;
+        if !stream.is_h2() {
+            host.http1.store(true, Ordering::Relaxed);
+            self.connector.park(authority.clone(), stream);
+            return Ok(Route::Http1);
+        }
+        let (send, connection) = h2::client::Builder::new()
+            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .enable_push(false)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|e| ConnectError::Handshake {
+                host: authority.to_string(),
+                source: e,
+            })?;
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        let conn = Conn {
+            send,
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            state: Arc::default(),
+            host: Arc::downgrade(host),
+        };
+        let (close, closed) = oneshot::channel();
+        let watch = Watch {
+            id: conn.id,
+            state: conn.state.clone(),
+            host: Arc::downgrade(host),
+        };
+        tokio::spawn(WriteLater {
+            task: Box::pin(drive(connection, closed, watch, self.idle_timeout)),
+            yielded: false,
+        });
+        *host.current.lock().expect("host lock") = Some(Slot {
+            conn: conn.clone(),
+            _close: close,
+        });
+        Ok(Route::Http2(conn))
+    }
+}
+
+impl Host {
+    fn current(&self) -> Option<Route> {
+        if self.http1.load(Ordering::Relaxed) {
+            return Some(Route::Http1);
+        }
+        let current = self.current.lock().expect("host lock");
+        let conn = &current.as_ref()?.conn;
+        (!conn.state.ended.load(Ordering::Relaxed)).then(|| Route::Http2(conn.clone()))
+    }
+}
+
+/// Runs a connection until it ends: the server closed it, it failed, or its slot let go of it
+/// (replaced, idle for `idle_timeout`, or the pool dropped after a reload) and its last stream
+/// is done. It holds no request handle itself, so h2 can tell when none is left.
+async fn drive(
+    connection: h2::client::Connection<super::connect::UpstreamStream, Bytes>,
+    closed: oneshot::Receiver<()>,
+    conn: Watch,
+    idle_timeout: Duration,
+) {
+    let mut connection = std::pin::pin!(connection);
+    let mut closed = std::pin::pin!(closed);
+    let mut let_go = false;
+    let mut opened = 0;
+    let mut idle_since = None;
+    let mut check = tokio::time::interval(idle_timeout / 4);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            // Polling the connection again is what lets h2 see that no handle is left.
+            _ = closed.as_mut(), if !let_go => let_go = true,
+            _ = check.tick(), if !let_go => {
+                // In use: a stream was opened since the last look, or a request or a response
+                // body holds a count besides this task and the slot.
+                let now_opened = conn.state.opened.load(Ordering::Relaxed);
+                if Arc::strong_count(&conn.state) > 2 || now_opened != opened {
+                    opened = now_opened;
+                    idle_since = None;
+                } else if idle_since.get_or_insert_with(tokio::time::Instant::now).elapsed()
+                    >= idle_timeout
+                {
+                    tracing::debug!("closing an idle upstream connection");
+                    conn.forget();
+                }
+            }
+        }
+    };
+    conn.state.ended.store(true, Ordering::Relaxed);
+    conn.forget();
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+    }
+}
+
+/// Runs a connection task only after the tasks already queued on this worker: when a request
+/// wakes the connection, the other requests ready at that moment have opened their streams too
+/// before it writes, so one TLS record and one `write` carry them all (and the upstream reads
+/// them at once). Woken, it first yields once: tokio queues a task that wakes itself at the back,
+/// where a task woken by another would run next. BENCHMARKS finding 15 has the measurements.
+struct WriteLater<F> {
+    task: Pin<Box<F>>,
+    yielded: bool,
+}
+
+impl<F: Future<Output = ()>> Future for WriteLater<F> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if !std::mem::replace(&mut self.yielded, true) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.yielded = false;
+        self.task.as_mut().poll(cx)
+    }
+}
+
+/// What the connection task knows of its connection: enough to take it out of its slot.
+struct Watch {
+    id: u64,
+    state: Arc<ConnState>,
+    /// Weak: the host's slot is what tells this task to end.
+    host: Weak<Host>,
+}
+
+impl Watch {
+    fn forget(&self) {
+        if let Some(host) = self.host.upgrade() {
+            host.forget(self.id);
+        }
+    }
+}
+
+impl Host {
+    /// Takes connection `id` out of the slot if it is still the current one, so the next
+    /// request makes a new one.
+    fn forget(&self, id: u64) {
+        let mut current = self.current.lock().expect("host lock");
+        if current.as_ref().is_some_and(|slot| slot.conn.id == id) {
+            *current = None;
+        }
+    }
+}
+
+impl Conn {
+    /// Opens a stream for `request` and waits for the response head. A request body is streamed
+    /// by a task of its own (it may outlive the wait: an upstream can answer before it has read
+    /// the whole body).
+    pub async fn send(
+        self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Http2Body>, ForwardError> {
+        let (mut head, body) = request.into_parts();
+        if let Some(len) = body.size_hint().exact()
+            && (len != 0 || has_payload_semantics(&head.method))
+            && !head.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            head.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        let end_of_stream = body.is_end_stream();
+        let mut send = self.send.clone();
+        let opened = async {
+            poll_fn(|cx| send.poll_ready(cx)).await?;
+            send.send_request(Request::from_parts(head, ()), end_of_stream)
+        };
+        let (response, stream) = opened.await.map_err(|e| self.failed(e))?;
+        self.state.opened.fetch_add(1, Ordering::Relaxed);
+        let mut pipe = (!end_of_stream)
+            .then(|| PipeGuard(Some(tokio::spawn(pipe(body, stream)).abort_handle())));
+        let response = response.await.map_err(|e| self.failed(e))?;
+        if let Some(pipe) = &mut pipe {
+            // The answer came: the body, if still going, goes on by itself.
+            pipe.0 = None;
+        }
+        let remaining = content_length(response.headers());
+        Ok(response.map(|recv| Http2Body {
+            recv,
+            remaining,
+            data_done: false,
+            _conn: self.state,
+        }))
+    }
+
+    /// Sorts an h2 error into the error contract; a connection that has failed or is going away
+    /// is forgotten, so the next request (or this one sent again) gets a new one.
+    fn failed(&self, error: h2::Error) -> ForwardError {
+        if error.is_go_away() || error.is_io() {
+            if let Some(host) = self.host.upgrade() {
+                host.forget(self.id);
+            }
+        }
+        classify(&error)
+    }
+}
+
+/// The h2 errors that say the upstream did not process the request: a graceful GOAWAY that
+/// left it out, or REFUSED_STREAM. Anything else is an unreachable upstream.
+pub fn classify(error: &h2::Error) -> ForwardError {
+    let graceful_goaway =
+        error.is_go_away() && error.is_remote() && error.reason() == Some(h2::Reason::NO_ERROR);
+    if graceful_goaway || error.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        ForwardError::NotProcessed(format!(
+            "the upstream turned the request away unprocessed: {error}"
+        ))
+    } else {
+        ForwardError::Unreachable(format!("the upstream connection failed: {error}"))
+    }
+}
+
+/// As hyper decides where to send `content-length` for a body of known size.
+fn has_payload_semantics(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
+    )
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => value.to_str().ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Stops a request body's task when the request is given up (timeout, caller gone) before the
+/// answer came; dropping its stream then resets it.
+struct PipeGuard(Option<AbortHandle>);
+
+impl Drop for PipeGuard {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Streams a request body onto its HTTP/2 stream within the flow-control window.
+async fn pipe(mut body: UpstreamBody, mut stream: SendStream<Bytes>) {
+    if let Err(e) = pipe_frames(&mut body, &mut stream).await {
+        tracing::debug!(error = %e, "request body not sent whole");
+        stream.send_reset(h2::Reason::INTERNAL_ERROR);
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn pipe_frames(
+    body: &mut UpstreamBody,
+    stream: &mut SendStream<Bytes>,
+) -> Result<(), BoxError> {
+    loop {
+        let frame = poll_fn(|cx| -> Poll<Result<Option<Frame<Bytes>>, BoxError>> {
+            // The server may reset the stream (it answered early, or refuses the body).
+            if let Poll::Ready(reason) = stream.poll_reset(cx) {
+                return Poll::Ready(Err(format!("reset by the upstream: {:?}", reason?).into()));
+            }
+            Pin::new(&mut *body).poll_frame(cx).map(Option::transpose)
+        })
+        .await?;
+        let Some(frame) = frame else {
+            stream.send_data(Bytes::new(), true)?;
+            return Ok(());
+        };
+        let mut data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    stream.send_trailers(trailers)?;
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        while !data.is_empty() {
+            stream.reserve_capacity(data.len());
+            let granted = poll_fn(|cx| stream.poll_capacity(cx))
+                .await
+                .ok_or("the stream closed")??;
+            if granted > 0 {
+                stream.send_data(data.split_to(granted.min(data.len())), false)?;
+            }
+        }
+    }
+}
+
+/// A response body read from an HTTP/2 stream, handing flow-control credit back as it goes.
+pub struct Http2Body {
+    recv: RecvStream,
+    /// From `content-length`, less what has come.
+    remaining: Option<u64>,
+    data_done: bool,
+    /// Counts this body as a use of its connection (idle connections are closed).
+    _conn: Arc<ConnState>,
+}
+
+impl Body for Http2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some(n) = &mut this.remaining {
+                        *n = n.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match std::task::ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            _ if self.recv.is_end_stream() => SizeHint::with_exact(0),
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
