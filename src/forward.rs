@@ -179,10 +179,12 @@ impl Upstream {
 /// How long an upstream connection may sit unused before it is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// How often a request the upstream turned away unprocessed is sent again. One is what a
-/// server closing connections after N requests needs; the rest cover a burst that meets the
-/// next connection's closing too.
-pub const UNPROCESSED_RETRIES: u32 = 2;
+/// How often a request the upstream turned away unprocessed is sent again (within
+/// `request_timeout`). An upstream that ends each connection after N requests (nginx's
+/// keepalive_requests) refuses the streams beyond the Nth, and a resent one can meet the next
+/// connection's end too: at 1,000 callers and N = 1000 two resends still left about one
+/// request in 15,000 refused three times, four left none in the soak (BENCHMARKS finding 16).
+pub const UNPROCESSED_RETRIES: u32 = 4;
 
 /// Finds our own connect error, or HTTP/2's word that a stream was not processed, in hyper's
 /// chain; anything else (a reset, a protocol error) is an unreachable upstream, described by

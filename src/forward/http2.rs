@@ -39,10 +39,17 @@ pub struct Http2Pool {
     idle_timeout: Duration,
 }
 
+/// How many connections one authority may have. Beyond, streams queue on the least busy one.
+const MAX_CONNECTIONS_PER_HOST: usize = 32;
+
 /// One target authority.
 #[derive(Default)]
 struct Host {
-    current: Mutex<Option<Slot>>,
+    /// Live connections, oldest first. A request takes the newest with a stream to spare: the
+    /// server's limit on concurrent streams is never what holds it back, a GOAWAY (nginx's
+    /// keepalive_requests) fails only the streams beyond it on that one connection, and the
+    /// newest has the most of a server's request budget left. Older ones left unused close.
+    conns: Mutex<Vec<Slot>>,
     /// Held while a connection is made, so that concurrent first requests make one. Holds the
     /// last failure: those who waited for that attempt share its error instead of each trying
     /// again in turn (a thousand callers must not queue up a thousand connect timeouts).
@@ -105,12 +112,14 @@ impl Http2Pool {
                 None => hosts.entry(authority.clone()).or_default().clone(),
             }
         };
-        if let Some(route) = host.current() {
+        if let Some(route) = host.pick() {
             return Ok(route);
         }
+        // Every connection is at the server's limit (or there is none): make one, or wait for
+        // the one being made, rather than queue streams that a GOAWAY would refuse.
         let asked = Instant::now();
         let mut last_failure = host.connecting.lock().await;
-        if let Some(route) = host.current() {
+        if let Some(route) = host.pick() {
             return Ok(route);
         }
         if let Some((at, error)) = &*last_failure
@@ -170,7 +179,7 @@ impl Http2Pool {
             task: Box::pin(drive(connection, closed, watch, self.idle_timeout)),
             yielded: false,
         });
-        *host.current.lock().expect("host lock") = Some(Slot {
+        host.conns.lock().expect("host lock").push(Slot {
             conn: conn.clone(),
             _close: close,
         });
@@ -179,13 +188,24 @@ impl Http2Pool {
 }
 
 impl Host {
-    fn current(&self) -> Option<Route> {
+    /// The newest live connection with a stream to spare; when the host has as many
+    /// connections as it may, the least busy one.
+    fn pick(&self) -> Option<Route> {
         if self.http1.load(Ordering::Relaxed) {
             return Some(Route::Http1);
         }
-        let current = self.current.lock().expect("host lock");
-        let conn = &current.as_ref()?.conn;
-        (!conn.state.ended.load(Ordering::Relaxed)).then(|| Route::Http2(conn.clone()))
+        let conns = self.conns.lock().expect("host lock");
+        let mut live = conns
+            .iter()
+            .rev()
+            .map(|slot| &slot.conn)
+            .filter(|conn| !conn.state.ended.load(Ordering::Relaxed));
+        let conn = if conns.len() >= MAX_CONNECTIONS_PER_HOST {
+            live.min_by_key(|conn| conn.in_use())
+        } else {
+            live.find(|conn| conn.in_use() < conn.send.current_max_send_streams())
+        };
+        conn.map(|conn| Route::Http2(conn.clone()))
     }
 }
 
@@ -273,17 +293,22 @@ impl Watch {
 }
 
 impl Host {
-    /// Takes connection `id` out of the slot if it is still the current one, so the next
-    /// request makes a new one.
+    /// Takes connection `id` out of the host's set: no new request goes to it.
     fn forget(&self, id: u64) {
-        let mut current = self.current.lock().expect("host lock");
-        if current.as_ref().is_some_and(|slot| slot.conn.id == id) {
-            *current = None;
-        }
+        self.conns
+            .lock()
+            .expect("host lock")
+            .retain(|slot| slot.conn.id != id);
     }
 }
 
 impl Conn {
+    /// Requests and response bodies using the connection: every count of its state but the
+    /// host's slot and the connection task's.
+    fn in_use(&self) -> usize {
+        Arc::strong_count(&self.state).saturating_sub(2)
+    }
+
     /// Opens a stream for `request` and waits for the response head. A request body is streamed
     /// by a task of its own (it may outlive the wait: an upstream can answer before it has read
     /// the whole body).
