@@ -1,0 +1,161 @@
+//! How many upstream connections the proxy makes: HTTP/2 connections are shared up to the
+//! server's stream limit and then another is opened; the connection that found a server
+//! choosing HTTP/1.1 is the one its requests use; callers who waited for a connect that failed
+//! share its error instead of each dialling again.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Pki, Proxy, accept_tls, get, server_config};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// A TLS upstream for `name` that counts the connections it accepts and answers "ok" to every
+/// request after `delay`, over HTTP/1.1, or over HTTP/2 with at most `streams` at a time.
+async fn counting_upstream(
+    pki: &Pki,
+    name: &str,
+    http2_streams: Option<u32>,
+    delay: Duration,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let alpn: &[&[u8]] = match http2_streams {
+        Some(_) => &[b"h2"],
+        None => &[b"http/1.1"],
+    };
+    let config = server_config(&pki.leaf(&[name]), alpn);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let (addr, _task) = accept_tls(config, move |tls| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let service = hyper::service::service_fn(move |_req| async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"ok"),
+                )))
+            });
+            let io = TokioIo::new(tls);
+            let _ = match http2_streams {
+                Some(streams) => {
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(streams)
+                        .serve_connection(io, service)
+                        .await
+                }
+                None => {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await
+                }
+            };
+        }
+    })
+    .await;
+    (addr, accepted)
+}
+
+fn config(name: &str, addr: SocketAddr, upstream: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[upstream]
+extra_ca_file = "ca.pem"
+allow_networks = ["127.0.0.0/8"]
+resolve = {{ "{name}:443" = "{addr}" }}
+{upstream}
+
+[orgs.acme.connectors.c]
+auth = "basic"
+resource_domain = "https://{name}"
+username = "u"
+password = "p"
+"#
+    )
+}
+
+async fn call_at_once(proxy: &Proxy, n: usize) -> Vec<common::Answer> {
+    let addr = proxy.addr;
+    let calls: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(async move { get(addr, "/", &[("x-connector-name", "c")]).await }))
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap());
+    }
+    answers
+}
+
+#[tokio::test]
+async fn streams_beyond_the_servers_limit_go_to_another_http2_connection() {
+    let pki = Pki::new();
+    let name = "api.example.com";
+    let (addr, accepted) = counting_upstream(&pki, name, Some(2), Duration::from_millis(300)).await;
+    let proxy = Proxy::start(&config(name, addr, ""), &[("ca.pem", &pki.ca_pem())], &[]);
+    // One request first, so that the connection knows the server's limit of 2.
+    assert_eq!(
+        get(proxy.addr, "/", &[("x-connector-name", "c")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    let answers = call_at_once(&proxy, 6).await;
+    assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
+    // Queued on the one connection, all six would have waited there; a second connection
+    // is made as soon as the first has two streams open (a third too, unless it made one
+    // before the server's settings said 2).
+    let connections = accepted.load(Ordering::SeqCst);
+    assert!((2..=3).contains(&connections), "{connections} connections");
+}
+
+#[tokio::test]
+async fn an_http1_server_is_served_on_the_connection_that_found_it_out() {
+    let pki = Pki::new();
+    let name = "legacy.example.com";
+    let (addr, accepted) = counting_upstream(&pki, name, None, Duration::ZERO).await;
+    let proxy = Proxy::start(&config(name, addr, ""), &[("ca.pem", &pki.ca_pem())], &[]);
+    for _ in 0..3 {
+        let answer = get(proxy.addr, "/", &[("x-connector-name", "c")]).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, "ok");
+    }
+    // The connection that learnt by ALPN that the server speaks HTTP/1.1 only is handed to the
+    // HTTP/1.1 pool and kept alive there: no handshake is wasted.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn callers_waiting_on_a_connect_that_fails_share_its_error() {
+    // Accepts TCP connections and never answers the TLS handshake.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    let pki = Pki::new();
+    let config = config("mute.example.com", addr, "connect_timeout = \"1s\"");
+    let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
+    let answers = call_at_once(&proxy, 8).await;
+    for answer in &answers {
+        assert_eq!(answer.status, 502);
+        assert_eq!(
+            answer.proxy_error().as_deref(),
+            Some("upstream_unreachable")
+        );
+    }
+    // One attempt for all eight: each trying again in turn would have queued eight timeouts.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
