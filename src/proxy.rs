@@ -607,6 +607,41 @@ mod tests {
     }
 
     #[test]
+    fn request_rewrite_drops_every_header_the_contract_names_whatever_its_values() {
+        let connector = HeaderName::from_static("x-connector-name");
+        let org = HeaderName::from_static("x-org-id");
+        let dropped = [
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+            "proxy-connection",
+            "http2-settings",
+            "authorization",
+            "host",
+            "forwarded",
+            "x-forwarded-for",
+            "expect",
+            "x-connector-name",
+            "x-org-id",
+        ];
+        let mut headers = HeaderMap::new();
+        for name in dropped {
+            headers.append(name, HeaderValue::from_static("a"));
+            headers.append(name, HeaderValue::from_static("b"));
+        }
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        rewrite_request_headers(&mut headers, &connector, &org);
+        let mut left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "x-kept"], "{headers:?}");
+    }
+
+    #[test]
     fn generated_request_ids_are_distinct_and_callers_are_kept() {
         let empty = HeaderMap::new();
         assert_ne!(request_id(&empty), request_id(&empty));

@@ -127,7 +127,9 @@ impl Http2Pool {
         {
             return Err(error.clone());
         }
-        match self.connect(uri, authority, &host).await {
+        // Boxed: kept inline, the TLS and HTTP/2 handshakes would make every request's future
+        // (moved on each call) kilobytes larger, for a path taken once per connection.
+        match Box::pin(self.connect(uri, authority, &host)).await {
             Ok(route) => Ok(route),
             Err(error) => {
                 *last_failure = Some((Instant::now(), error.clone()));
@@ -326,11 +328,12 @@ impl Conn {
         }
         let end_of_stream = body.is_end_stream();
         let mut send = self.send.clone();
-        let opened = async {
-            poll_fn(|cx| send.poll_ready(cx)).await?;
-            send.send_request(Request::from_parts(head, ()), end_of_stream)
-        };
-        let (response, stream) = opened.await.map_err(|e| self.failed(e))?;
+        if let Err(e) = poll_fn(|cx| send.poll_ready(cx)).await {
+            return Err(self.failed(e));
+        }
+        let (response, stream) = send
+            .send_request(Request::from_parts(head, ()), end_of_stream)
+            .map_err(|e| self.failed(e))?;
         self.state.opened.fetch_add(1, Ordering::Relaxed);
         let mut pipe = (!end_of_stream)
             .then(|| PipeGuard(Some(tokio::spawn(pipe(body, stream)).abort_handle())));
