@@ -266,16 +266,19 @@ impl Routes {
                 self.upstream.send(request).await?
             }
             Ok(body) => {
-                let first = self
-                    .send(&parts, body.clone(), authorization.clone())
-                    .await?;
+                // Set before copying: a copy then has room for it (no growing per attempt).
+                parts
+                    .headers
+                    .insert(header::AUTHORIZATION, authorization.clone());
+                let first = self.send(&parts, body.clone()).await?;
                 if first.status() == StatusCode::UNAUTHORIZED
                     && connector.credentials.reject(&authorization)
                 {
                     drop(first);
                     let (renewed, _) = connector.credentials.authorization().await?;
                     trace.token = Some("replayed");
-                    self.send(&parts, body, renewed).await?
+                    parts.headers.insert(header::AUTHORIZATION, renewed);
+                    self.send(&parts, body).await?
                 } else {
                     first
                 }
@@ -291,23 +294,19 @@ impl Routes {
         Ok(response)
     }
 
-    /// Sends a copy of `parts` with `body`, for a request that may go more than once: again
-    /// when the upstream turned it away unprocessed, and when hyper dropped it unsent if its
-    /// method is idempotent.
+    /// Sends a copy of `parts` (credentials included) with `body`, for a request that may go
+    /// more than once: again when the upstream turned it away unprocessed, and when hyper
+    /// dropped it unsent if its method is idempotent.
     async fn send(
         &self,
         parts: &http::request::Parts,
         body: Bytes,
-        authorization: HeaderValue,
     ) -> Result<Response<ReceivedBody>, ProxyError> {
         let copy = || {
             let mut request = Request::new(Either::Right(Full::new(body.clone())));
             *request.method_mut() = parts.method.clone();
             *request.uri_mut() = parts.uri.clone();
             *request.headers_mut() = parts.headers.clone();
-            request
-                .headers_mut()
-                .insert(header::AUTHORIZATION, authorization.clone());
             request
         };
         let timeout = self.upstream.request_timeout();
