@@ -92,6 +92,11 @@ impl UpstreamConnector {
         }
     }
 
+    /// `upstream.connect_timeout`.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
     /// Keeps `stream` for the next HTTP/1.1 connect to `authority`.
     pub fn park(&self, authority: Authority, stream: UpstreamStream) {
         self.inner

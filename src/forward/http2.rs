@@ -150,7 +150,7 @@ impl Http2Pool {
             self.connector.park(authority.clone(), stream);
             return Ok(Route::Http1);
         }
-        let (send, connection) = h2::client::Builder::new()
+        let (send, mut connection) = h2::client::Builder::new()
             .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -177,10 +177,27 @@ impl Http2Pool {
             state: conn.state.clone(),
             host: Arc::downgrade(host),
         };
+        let mut ping = connection
+            .ping_pong()
+            .expect("a new connection has its ping handle");
         tokio::spawn(WriteLater {
             task: Box::pin(drive(connection, closed, watch, self.idle_timeout)),
             yielded: false,
         });
+        // The server's SETTINGS come before its answer to a PING. Until they are in, h2 assumes
+        // a limit of 100 concurrent streams: a burst could overrun a lower one and be refused.
+        let timeout = self.connector.timeout();
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(source)) => {
+                let host = authority.to_string();
+                return Err(ConnectError::Handshake { host, source }.into());
+            }
+            Err(_) => {
+                let host = authority.host().to_owned();
+                return Err(ConnectError::Timeout { host, timeout }.into());
+            }
+        }
         host.conns.lock().expect("host lock").push(Slot {
             conn: conn.clone(),
             _close: close,
