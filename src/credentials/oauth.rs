@@ -126,6 +126,12 @@ impl TokenSource {
         if let Some(value) = self.usable() {
             return Ok((value, Lookup::Hit));
         }
+        // Boxed: inline, the wait for a token request would make every request's future, a
+        // cache hit's or a Basic connector's, kilobytes larger (BENCHMARKS finding 18).
+        Box::pin(self.miss()).await
+    }
+
+    async fn miss(self: &Arc<Self>) -> Result<(HeaderValue, Lookup), CredentialError> {
         self.fail_fast()?;
         let _flight = self.fetch.lock().await;
         // Whoever held the lock before us may have fetched, or failed.
