@@ -1,5 +1,7 @@
 //! One whole request, paired: a client calling the TLS upstream directly, and the same call
 //! through connector-proxy's server running in-process (Basic, and OAuth with a cached token).
+//! Also credential application alone: asking a connector for its `Authorization` value and
+//! setting it on a request's headers.
 //! Every variant keeps one keepalive connection open, sends requests one after another and
 //! reads the 2-byte answer, so the difference between them is what the proxy adds per request.
 //! All peers listen on 127.0.0.1 and share this process's runtime.
@@ -8,13 +10,15 @@
 mod common;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -23,12 +27,17 @@ use tokio::net::TcpStream;
 use common::token::{Method, TokenServer};
 use common::{Pki, install_provider, serve_tls, server_config};
 use connector_proxy::config::Config;
+use connector_proxy::forward::{self, Upstream};
+use connector_proxy::metrics::Metrics;
+use connector_proxy::registry::Registry;
 use connector_proxy::server::Server;
 
 const HOST: &str = "api.example.com";
 
 struct Peers {
     runtime: tokio::runtime::Runtime,
+    /// The same configuration's connectors, built apart from the server.
+    registry: Registry,
     upstream: SocketAddr,
     proxy: SocketAddr,
     ca: rustls::RootCertStore,
@@ -45,7 +54,7 @@ fn start() -> Peers {
         .unwrap();
     let pki = Pki::new();
     let leaf = pki.leaf(&[HOST]);
-    let (upstream, token, proxy, dir) = runtime.block_on(async {
+    let (upstream, token, proxy, dir, registry) = runtime.block_on(async {
         // The upstream task serves until the runtime is dropped at the end of the run.
         let (upstream, _task) = serve_tls(
             server_config(&leaf, &[b"h2", b"http/1.1"]),
@@ -90,7 +99,11 @@ client_secret = "bench-secret"
         let server = Server::bind(&config).await.unwrap();
         let proxy = server.local_addr().unwrap();
         tokio::spawn(server.run(std::future::pending()));
-        (upstream, token, proxy, dir)
+        let tls = forward::tls_config(&config.upstream, None).unwrap();
+        let upstream_client = Upstream::new(&config.upstream, tls);
+        let metrics = Arc::new(Metrics::new());
+        let registry = Registry::new(&config, &upstream_client, &metrics, None).unwrap();
+        (upstream, token, proxy, dir, registry)
     });
     use rustls_pki_types::pem::PemObject;
     let mut ca = rustls::RootCertStore::empty();
@@ -99,6 +112,7 @@ client_secret = "bench-secret"
     }
     Peers {
         runtime,
+        registry,
         upstream,
         proxy,
         ca,
@@ -177,9 +191,36 @@ fn whole_request(c: &mut Criterion) {
     group.finish();
 }
 
+/// A connector's `Authorization` value set on a request's headers: the Basic value made at load
+/// time, or the cached token (fetched once before measuring). A cached credential is ready at
+/// the first poll; polling once with a no-op waker measures just that.
+fn credential_application(c: &mut Criterion) {
+    let peers = start();
+    let _runtime = peers.runtime.enter();
+    let org = peers.registry.org("acme").unwrap();
+    let mut group = c.benchmark_group("credential_application");
+    for name in ["basic", "oauth"] {
+        let credentials = &org.connector(name).unwrap().credentials;
+        peers.runtime.block_on(credentials.authorization()).unwrap();
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
+        let mut cx = Context::from_waker(Waker::noop());
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut lookup = std::pin::pin!(credentials.authorization());
+                let Poll::Ready(Ok((value, _))) = lookup.as_mut().poll(&mut cx) else {
+                    panic!("a cached credential is ready at once");
+                };
+                headers.insert(http::header::AUTHORIZATION, value);
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5));
-    targets = whole_request
+    targets = whole_request, credential_application
 }
 criterion_main!(benches);
