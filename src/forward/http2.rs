@@ -1,9 +1,11 @@
-//! HTTP/2 upstreams driven through `h2` directly: one connection per target authority, shared
-//! by every request to it. Through hyper-util's pooled client each request paid a pool
-//! checkout, a channel hop to hyper's dispatch task and a task spawned to wait for its answer
-//! (BENCHMARKS finding 12); here the handler opens its stream on the connection itself and
-//! waits for the answer itself. An authority whose server does not offer `h2` by ALPN is
-//! remembered, and its connection handed to the HTTP/1.1 pool.
+//! HTTP/2 upstreams driven through `h2` directly: connections per target authority, each
+//! shared by requests up to the server's limit on concurrent streams. Through hyper-util's
+//! pooled client each request paid a pool checkout, a channel hop to hyper's dispatch task and
+//! a task spawned to wait for its answer (BENCHMARKS finding 12); here the handler opens its
+//! stream on the connection itself and waits for the answer itself. An authority whose server
+//! does not offer `h2` by ALPN is remembered, and its connection handed to the HTTP/1.1 pool.
+//! Authorities are those of the configured resource domains, token and validation URLs, so the
+//! map stays small.
 
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
@@ -60,12 +62,14 @@ struct Host {
 
 struct Slot {
     conn: Conn,
-    /// Dropped with the slot (a pool dropped after a reload, a connection replaced): tells the
-    /// connection task to close once its last stream is done. h2 alone would not notice.
+    /// Dropped with the slot (the connection forgotten: going away, failed or idle; or the pool
+    /// dropped after a reload): tells the connection task to close once its last stream is
+    /// done. h2 alone would not notice.
     _close: oneshot::Sender<()>,
 }
 
-/// A handle to one live connection.
+/// A handle to one live connection: its own clone of the connection's `SendRequest` (a handle
+/// must not be shared by requests in flight at once).
 #[derive(Clone)]
 pub struct Conn {
     send: SendRequest<Bytes>,
@@ -99,8 +103,9 @@ impl Http2Pool {
         }
     }
 
-    /// The live connection for `uri`'s authority, made when there is none (one connect at a
-    /// time per authority; the others wait for it).
+    /// A connection for `uri`'s authority with a stream to spare, made when there is none (one
+    /// connect at a time per authority; the others wait for it), or the word that the server
+    /// speaks HTTP/1.1.
     pub async fn route(&self, uri: &Uri) -> Result<Route, ForwardError> {
         let Some(authority) = uri.authority() else {
             return Err(ConnectError::NotHttps.into());
@@ -229,7 +234,7 @@ impl Host {
 }
 
 /// Runs a connection until it ends: the server closed it, it failed, or its slot let go of it
-/// (replaced, idle for `idle_timeout`, or the pool dropped after a reload) and its last stream
+/// (forgotten, idle for `idle_timeout`, or the pool dropped after a reload) and its last stream
 /// is done. It holds no request handle itself, so h2 can tell when none is left.
 async fn drive(
     connection: h2::client::Connection<super::connect::UpstreamStream, Bytes>,
@@ -332,7 +337,7 @@ impl Conn {
     /// by a task of its own (it may outlive the wait: an upstream can answer before it has read
     /// the whole body).
     pub async fn send(
-        self,
+        mut self,
         request: Request<UpstreamBody>,
     ) -> Result<Response<Http2Body>, ForwardError> {
         let (mut head, body) = request.into_parts();
@@ -344,11 +349,11 @@ impl Conn {
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
         let end_of_stream = body.is_end_stream();
-        let mut send = self.send.clone();
-        if let Err(e) = poll_fn(|cx| send.poll_ready(cx)).await {
+        if let Err(e) = poll_fn(|cx| self.send.poll_ready(cx)).await {
             return Err(self.failed(e));
         }
-        let (response, stream) = send
+        let (response, stream) = self
+            .send
             .send_request(Request::from_parts(head, ()), end_of_stream)
             .map_err(|e| self.failed(e))?;
         self.state.opened.fetch_add(1, Ordering::Relaxed);
