@@ -21,7 +21,6 @@ use h2::{RecvStream, SendStream};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
 use super::connect::{ConnectError, UpstreamConnector};
@@ -51,21 +50,13 @@ struct Host {
     /// server's limit on concurrent streams is never what holds it back, a GOAWAY (nginx's
     /// keepalive_requests) fails only the streams beyond it on that one connection, and the
     /// newest has the most of a server's request budget left. Older ones left unused close.
-    conns: Mutex<Vec<Slot>>,
+    conns: Mutex<Vec<Conn>>,
     /// Held while a connection is made, so that concurrent first requests make one. Holds the
     /// last failure: those who waited for that attempt share its error instead of each trying
     /// again in turn (a thousand callers must not queue up a thousand connect timeouts).
     connecting: tokio::sync::Mutex<Option<(Instant, ForwardError)>>,
     /// The server chose HTTP/1.1: its requests go to the HTTP/1.1 pool.
     http1: AtomicBool,
-}
-
-struct Slot {
-    conn: Conn,
-    /// Dropped with the slot (the connection forgotten: going away, failed or idle; or the pool
-    /// dropped after a reload): tells the connection task to close once its last stream is
-    /// done. h2 alone would not notice.
-    _close: oneshot::Sender<()>,
 }
 
 /// A handle to one live connection: its own clone of the connection's `SendRequest` (a handle
@@ -76,7 +67,7 @@ pub struct Conn {
     id: u64,
     /// Shared with the connection task; each handle and response body is a count of use.
     state: Arc<ConnState>,
-    /// Weak: the host's slot holds this handle.
+    /// Weak: the host holds this handle.
     host: Weak<Host>,
 }
 
@@ -176,7 +167,6 @@ impl Http2Pool {
             state: Arc::default(),
             host: Arc::downgrade(host),
         };
-        let (close, closed) = oneshot::channel();
         let watch = Watch {
             id: conn.id,
             state: conn.state.clone(),
@@ -186,7 +176,7 @@ impl Http2Pool {
             .ping_pong()
             .expect("a new connection has its ping handle");
         tokio::spawn(WriteLater {
-            task: Box::pin(drive(connection, closed, watch, self.idle_timeout)),
+            task: Box::pin(drive(connection, watch, self.idle_timeout)),
             yielded: false,
         });
         // The server's SETTINGS come before its answer to a PING. Until they are in, h2 assumes
@@ -203,10 +193,7 @@ impl Http2Pool {
                 return Err(ConnectError::Timeout { host, timeout }.into());
             }
         }
-        host.conns.lock().expect("host lock").push(Slot {
-            conn: conn.clone(),
-            _close: close,
-        });
+        host.conns.lock().expect("host lock").push(conn.clone());
         Ok(Route::Http2(conn))
     }
 }
@@ -222,7 +209,6 @@ impl Host {
         let mut live = conns
             .iter()
             .rev()
-            .map(|slot| &slot.conn)
             .filter(|conn| !conn.state.ended.load(Ordering::Relaxed));
         let conn = if conns.len() >= MAX_CONNECTIONS_PER_HOST {
             live.min_by_key(|conn| conn.in_use())
@@ -233,18 +219,16 @@ impl Host {
     }
 }
 
-/// Runs a connection until it ends: the server closed it, it failed, or its slot let go of it
-/// (forgotten, idle for `idle_timeout`, or the pool dropped after a reload) and its last stream
-/// is done. It holds no request handle itself, so h2 can tell when none is left.
+/// Runs a connection until it ends: the server closed it, it failed, or its host let go of it
+/// (going away, idle for `idle_timeout`, or the pool dropped after a reload) and its last
+/// stream is done. It holds no request handle itself: h2 closes the connection once the last
+/// handle is dropped and no stream is left.
 async fn drive(
     connection: h2::client::Connection<super::connect::UpstreamStream, Bytes>,
-    closed: oneshot::Receiver<()>,
     conn: Watch,
     idle_timeout: Duration,
 ) {
     let mut connection = std::pin::pin!(connection);
-    let mut closed = std::pin::pin!(closed);
-    let mut let_go = false;
     let mut opened = 0;
     let mut idle_since = None;
     let mut check = tokio::time::interval(idle_timeout / 4);
@@ -252,11 +236,9 @@ async fn drive(
     let result = loop {
         tokio::select! {
             result = connection.as_mut() => break result,
-            // Polling the connection again is what lets h2 see that no handle is left.
-            _ = closed.as_mut(), if !let_go => let_go = true,
-            _ = check.tick(), if !let_go => {
+            _ = check.tick() => {
                 // In use: a stream was opened since the last look, or a request or a response
-                // body holds a count besides this task and the slot.
+                // body holds a count besides this task and the host.
                 let now_opened = conn.state.opened.load(Ordering::Relaxed);
                 if Arc::strong_count(&conn.state) > 2 || now_opened != opened {
                     opened = now_opened;
@@ -300,11 +282,11 @@ impl<F: Future<Output = ()>> Future for WriteLater<F> {
     }
 }
 
-/// What the connection task knows of its connection: enough to take it out of its slot.
+/// What the connection task knows of its connection: enough to take it out of its host.
 struct Watch {
     id: u64,
     state: Arc<ConnState>,
-    /// Weak: the host's slot is what tells this task to end.
+    /// Weak: the host holds the connection's handle, which keeps it open.
     host: Weak<Host>,
 }
 
@@ -322,13 +304,13 @@ impl Host {
         self.conns
             .lock()
             .expect("host lock")
-            .retain(|slot| slot.conn.id != id);
+            .retain(|conn| conn.id != id);
     }
 }
 
 impl Conn {
     /// Requests and response bodies using the connection: every count of its state but the
-    /// host's slot and the connection task's.
+    /// host's handle and the connection task's.
     fn in_use(&self) -> usize {
         Arc::strong_count(&self.state).saturating_sub(2)
     }
@@ -527,3 +509,6 @@ impl Body for Http2Body {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,133 @@
+//! The pool's own life cycle against a real TLS HTTP/2 server on 127.0.0.1: a connection left
+//! unused is closed, and the next request makes a new one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::{BodyExt, Either, Full};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::{Http2Pool, Route};
+use crate::forward::connect::UpstreamConnector;
+use crate::forward::policy::AddressPolicy;
+
+const NAME: &str = "idle.example.com";
+
+/// A CA-signed certificate for `NAME` and a client configuration trusting its CA.
+fn tls() -> (rustls::ServerConfig, Arc<rustls::ClientConfig>) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![NAME.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let mut server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(issuer.der().clone()).unwrap();
+    let mut client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    (server, Arc::new(client))
+}
+
+/// Answers every request "ok"; counts the connections it accepts and reports each one's end.
+async fn server(
+    config: rustls::ServerConfig,
+) -> (SocketAddr, Arc<AtomicUsize>, mpsc::Receiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let (ended, ends) = mpsc::channel(8);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, ended) = (acceptor.clone(), ended.clone());
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let mut connection = h2::server::handshake(tls).await.unwrap();
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    let mut body = respond.send_response(Response::new(()), false).unwrap();
+                    body.send_data("ok".into(), true).unwrap();
+                }
+                let _ = ended.send(()).await;
+            });
+        }
+    });
+    (addr, accepted, ends)
+}
+
+async fn get(pool: &Http2Pool) -> String {
+    let uri: http::Uri = format!("https://{NAME}/").parse().unwrap();
+    let Route::Http2(conn) = pool.route(&uri).await.unwrap() else {
+        panic!("the server offers h2");
+    };
+    let mut request = Request::new(Either::Right(Full::default()));
+    *request.uri_mut() = uri;
+    let response = conn.send(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn a_connection_left_unused_is_closed_and_the_next_request_makes_a_new_one() {
+    let (server_tls, client_tls) = tls();
+    let (addr, accepted, mut ends) = server(server_tls).await;
+    let connector = UpstreamConnector::new(
+        client_tls,
+        AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        HashMap::from([((NAME.to_owned(), 443), addr)]),
+        Duration::from_secs(5),
+    );
+    let pool = Http2Pool::new(connector, Duration::from_millis(200));
+    assert_eq!(get(&pool).await, "ok");
+    assert_eq!(get(&pool).await, "ok");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "requests in a row share one connection"
+    );
+    // Idle for 200 ms (looked at every 50 ms): the pool lets it go and it closes.
+    tokio::time::timeout(Duration::from_secs(10), ends.recv())
+        .await
+        .expect("the idle connection is closed")
+        .unwrap();
+    assert_eq!(get(&pool).await, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn dropping_the_pool_closes_its_connections() {
+    let (server_tls, client_tls) = tls();
+    let (addr, _accepted, mut ends) = server(server_tls).await;
+    let connector = UpstreamConnector::new(
+        client_tls,
+        AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        HashMap::from([((NAME.to_owned(), 443), addr)]),
+        Duration::from_secs(5),
+    );
+    let pool = Http2Pool::new(connector, Duration::from_secs(3600));
+    assert_eq!(get(&pool).await, "ok");
+    // As after a reload that replaced the upstream client: nothing may keep the connection.
+    drop(pool);
+    tokio::time::timeout(Duration::from_secs(10), ends.recv())
+        .await
+        .expect("the connection of a dropped pool is closed")
+        .unwrap();
+}
