@@ -376,24 +376,7 @@ async fn goaway_upstream(pki: &Pki) -> (SocketAddr, Arc<AtomicUsize>) {
 async fn requests_an_http2_upstream_turned_away_unprocessed_are_sent_again() {
     let pki = Pki::new();
     let (goaway, served) = goaway_upstream(&pki).await;
-    let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-
-[upstream]
-extra_ca_file = "ca.pem"
-allow_networks = ["127.0.0.0/8"]
-resolve = {{ "goaway.example.com:443" = "{goaway}" }}
-
-[orgs.acme.connectors.goaway]
-auth = "basic"
-resource_domain = "https://goaway.example.com"
-username = "u"
-password = "p"
-"#
-    );
+    let config = common::one_basic_connector("goaway", "goaway.example.com", goaway, "");
     let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
     let addr = proxy.addr;
     // One request first, so that the 40 below share an established HTTP/2 connection (the

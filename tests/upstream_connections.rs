@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Pki, Proxy, accept_tls, get, server_config};
+use common::{Pki, Proxy, accept_tls, get, one_basic_connector, server_config};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// A TLS upstream for `name` that counts the connections it accepts and answers "ok" to every
@@ -62,28 +62,6 @@ async fn counting_upstream(
     (addr, accepted)
 }
 
-fn config(name: &str, addr: SocketAddr, upstream: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-
-[upstream]
-extra_ca_file = "ca.pem"
-allow_networks = ["127.0.0.0/8"]
-resolve = {{ "{name}:443" = "{addr}" }}
-{upstream}
-
-[orgs.acme.connectors.c]
-auth = "basic"
-resource_domain = "https://{name}"
-username = "u"
-password = "p"
-"#
-    )
-}
-
 async fn call_at_once(proxy: &Proxy, n: usize) -> Vec<common::Answer> {
     let addr = proxy.addr;
     let calls: Vec<_> = (0..n)
@@ -101,7 +79,11 @@ async fn streams_beyond_the_servers_limit_go_to_another_http2_connection() {
     let pki = Pki::new();
     let name = "api.example.com";
     let (addr, accepted) = counting_upstream(&pki, name, Some(2), Duration::from_secs(1)).await;
-    let proxy = Proxy::start(&config(name, addr, ""), &[("ca.pem", &pki.ca_pem())], &[]);
+    let proxy = Proxy::start(
+        &one_basic_connector("c", name, addr, ""),
+        &[("ca.pem", &pki.ca_pem())],
+        &[],
+    );
     let answers = call_at_once(&proxy, 20).await;
     let statuses: Vec<_> = answers.iter().map(|a| a.status.as_u16()).collect();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
@@ -117,7 +99,11 @@ async fn an_http1_server_is_served_on_the_connection_that_found_it_out() {
     let pki = Pki::new();
     let name = "legacy.example.com";
     let (addr, accepted) = counting_upstream(&pki, name, None, Duration::ZERO).await;
-    let proxy = Proxy::start(&config(name, addr, ""), &[("ca.pem", &pki.ca_pem())], &[]);
+    let proxy = Proxy::start(
+        &one_basic_connector("c", name, addr, ""),
+        &[("ca.pem", &pki.ca_pem())],
+        &[],
+    );
     for _ in 0..3 {
         let answer = get(proxy.addr, "/", &[("x-connector-name", "c")]).await;
         assert_eq!(answer.status, 200);
@@ -143,7 +129,7 @@ async fn callers_waiting_on_a_connect_that_fails_share_its_error() {
         }
     });
     let pki = Pki::new();
-    let config = config("mute.example.com", addr, "connect_timeout = \"1s\"");
+    let config = one_basic_connector("c", "mute.example.com", addr, "connect_timeout = \"1s\"");
     let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
     let answers = call_at_once(&proxy, 8).await;
     for answer in &answers {

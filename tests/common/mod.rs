@@ -504,6 +504,35 @@ pub async fn get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> An
     send(addr, "GET", target, headers, Bytes::new()).await
 }
 
+/// A configuration with one Basic connector, `connector`, for `https://{host}`, pinned to
+/// `addr`; `upstream_extra` goes into `[upstream]`. The CA is expected as `ca.pem`.
+pub fn one_basic_connector(
+    connector: &str,
+    host: &str,
+    addr: SocketAddr,
+    upstream_extra: &str,
+) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[upstream]
+extra_ca_file = "ca.pem"
+allow_networks = ["127.0.0.0/8"]
+resolve = {{ "{host}:443" = "{addr}" }}
+{upstream_extra}
+
+[orgs.acme.connectors.{connector}]
+auth = "basic"
+resource_domain = "https://{host}"
+username = "u"
+password = "p"
+"#
+    )
+}
+
 /// Writes `path` into `dir` and returns it, for config fixtures that need real files.
 pub fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
     let path = dir.join(name);

@@ -73,6 +73,19 @@ async fn server(
     (addr, accepted, ends)
 }
 
+/// A server and a pool reaching it under `NAME`, whose connections close after `idle`.
+async fn start(idle: Duration) -> (Http2Pool, Arc<AtomicUsize>, mpsc::Receiver<()>) {
+    let (server_tls, client_tls) = tls();
+    let (addr, accepted, ends) = server(server_tls).await;
+    let connector = UpstreamConnector::new(
+        client_tls,
+        AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        HashMap::from([((NAME.to_owned(), 443), addr)]),
+        Duration::from_secs(5),
+    );
+    (Http2Pool::new(connector, idle), accepted, ends)
+}
+
 async fn get(pool: &Http2Pool) -> String {
     let uri: http::Uri = format!("https://{NAME}/").parse().unwrap();
     let Route::Http2(conn) = pool.route(&uri).await.unwrap() else {
@@ -87,15 +100,7 @@ async fn get(pool: &Http2Pool) -> String {
 
 #[tokio::test]
 async fn a_connection_left_unused_is_closed_and_the_next_request_makes_a_new_one() {
-    let (server_tls, client_tls) = tls();
-    let (addr, accepted, mut ends) = server(server_tls).await;
-    let connector = UpstreamConnector::new(
-        client_tls,
-        AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
-        HashMap::from([((NAME.to_owned(), 443), addr)]),
-        Duration::from_secs(5),
-    );
-    let pool = Http2Pool::new(connector, Duration::from_millis(200));
+    let (pool, accepted, mut ends) = start(Duration::from_millis(200)).await;
     assert_eq!(get(&pool).await, "ok");
     assert_eq!(get(&pool).await, "ok");
     assert_eq!(
@@ -114,15 +119,7 @@ async fn a_connection_left_unused_is_closed_and_the_next_request_makes_a_new_one
 
 #[tokio::test]
 async fn dropping_the_pool_closes_its_connections() {
-    let (server_tls, client_tls) = tls();
-    let (addr, _accepted, mut ends) = server(server_tls).await;
-    let connector = UpstreamConnector::new(
-        client_tls,
-        AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
-        HashMap::from([((NAME.to_owned(), 443), addr)]),
-        Duration::from_secs(5),
-    );
-    let pool = Http2Pool::new(connector, Duration::from_secs(3600));
+    let (pool, _accepted, mut ends) = start(Duration::from_secs(3600)).await;
     assert_eq!(get(&pool).await, "ok");
     // As after a reload that replaced the upstream client: nothing may keep the connection.
     drop(pool);
