@@ -77,9 +77,7 @@ impl UpstreamConnector {
             }),
         }
     }
-}
 
-impl UpstreamConnector {
     /// A TLS connection to `uri`'s authority within `upstream.connect_timeout`.
     pub async fn connect(&self, uri: &Uri) -> Result<UpstreamStream, ConnectError> {
         let timeout = self.inner.timeout;
