@@ -8,7 +8,7 @@
 //! map stays small.
 
 use std::collections::HashMap;
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -175,10 +175,7 @@ impl Http2Pool {
         let mut ping = connection
             .ping_pong()
             .expect("a new connection has its ping handle");
-        tokio::spawn(WriteLater {
-            task: Box::pin(drive(connection, watch, self.idle_timeout)),
-            yielded: false,
-        });
+        super::spawn_queued_last(drive(connection, watch, self.idle_timeout));
         // The server's SETTINGS come before its answer to a PING. Until they are in, h2 assumes
         // a limit of 100 concurrent streams: a burst could overrun a lower one and be refused.
         let timeout = self.connector.timeout();
@@ -256,29 +253,6 @@ async fn drive(
     conn.forget();
     if let Err(e) = result {
         tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-    }
-}
-
-/// Runs a connection task only after the tasks already queued on this worker: when a request
-/// wakes the connection, the other requests ready at that moment have opened their streams too
-/// before it writes, so one TLS record and one `write` carry them all (and the upstream reads
-/// them at once). Woken, it first yields once: tokio queues a task that wakes itself at the back,
-/// where a task woken by another would run next. BENCHMARKS finding 15 has the measurements.
-struct WriteLater<F> {
-    task: Pin<Box<F>>,
-    yielded: bool,
-}
-
-impl<F: Future<Output = ()>> Future for WriteLater<F> {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if !std::mem::replace(&mut self.yielded, true) {
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        self.yielded = false;
-        self.task.as_mut().poll(cx)
     }
 }
 
