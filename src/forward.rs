@@ -7,10 +7,9 @@ pub mod http2;
 pub mod policy;
 
 use std::error::Error as _;
-use std::future::Future;
-use std::pin::Pin;
+use std::future::{Future, poll_fn};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -185,29 +184,24 @@ impl Upstream {
 /// once. tokio would otherwise run a task woken by the running one next (its LIFO slot): one
 /// TLS record and one `write` per request on an HTTP/2 connection. Woken, the task first yields
 /// once; a task that wakes itself is queued at the back. BENCHMARKS findings 15 and 21.
-pub(crate) fn spawn_queued_last(task: impl Future<Output = ()> + Send + 'static) {
-    tokio::spawn(QueuedLastTask {
-        task: Box::pin(task),
-        yielded: false,
+pub(crate) fn spawn_queued_last<F>(task: F)
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut task = std::pin::pin!(task);
+        let mut yielded = false;
+        poll_fn(|cx| {
+            if !std::mem::replace(&mut yielded, true) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            yielded = false;
+            task.as_mut().poll(cx).map(drop)
+        })
+        .await;
     });
-}
-
-struct QueuedLastTask<F> {
-    task: Pin<Box<F>>,
-    yielded: bool,
-}
-
-impl<F: Future<Output = ()>> Future for QueuedLastTask<F> {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if !std::mem::replace(&mut self.yielded, true) {
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        self.yielded = false;
-        self.task.as_mut().poll(cx)
-    }
 }
 
 /// hyper-util's pool spawns its connections' tasks (HTTP/1.1, and HTTP/2 where a server offers
@@ -221,9 +215,7 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, task: F) {
-        spawn_queued_last(async move {
-            task.await;
-        });
+        spawn_queued_last(task);
     }
 }
 
