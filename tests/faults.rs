@@ -444,17 +444,11 @@ async fn refuses_first_stream(pki: &Pki) -> (SocketAddr, Arc<std::sync::Mutex<Ve
 async fn a_token_request_turned_away_unprocessed_is_sent_again() {
     let pki = Pki::new();
     let (login, answered) = refuses_first_stream(&pki).await;
-    let config = format!(
+    let config = common::pinned_config(
+        "login.example.com",
+        login,
+        "",
         r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-
-[upstream]
-extra_ca_file = "ca.pem"
-allow_networks = ["127.0.0.0/8"]
-resolve = {{ "login.example.com:443" = "{login}" }}
-
 [orgs.acme.connectors.billing]
 auth = "oauth2"
 grant = "client_credentials"
@@ -463,7 +457,7 @@ token_url = "https://login.example.com/oauth2/token"
 client_id = "flow"
 client_auth = "client_secret_post"
 client_secret = "post-secret"
-"#
+"#,
     );
     let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
     let (status, body) = fetch(proxy.addr, "billing").await;

@@ -504,13 +504,13 @@ pub async fn get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> An
     send(addr, "GET", target, headers, Bytes::new()).await
 }
 
-/// A configuration with one Basic connector, `connector`, for `https://{host}`, pinned to
-/// `addr`; `upstream_extra` goes into `[upstream]`. The CA is expected as `ca.pem`.
-pub fn one_basic_connector(
-    connector: &str,
+/// A configuration whose one upstream host, `host`, is pinned to `addr`, with `upstream_extra`
+/// in `[upstream]` and `connectors` (TOML tables) after it. The CA is expected as `ca.pem`.
+pub fn pinned_config(
     host: &str,
     addr: SocketAddr,
     upstream_extra: &str,
+    connectors: &str,
 ) -> String {
     format!(
         r#"
@@ -524,13 +524,22 @@ allow_networks = ["127.0.0.0/8"]
 resolve = {{ "{host}:443" = "{addr}" }}
 {upstream_extra}
 
-[orgs.acme.connectors.{connector}]
-auth = "basic"
-resource_domain = "https://{host}"
-username = "u"
-password = "p"
-"#
+{connectors}"#
     )
+}
+
+/// [`pinned_config`] with one Basic connector, `connector`, for `https://{host}`.
+pub fn one_basic_connector(
+    connector: &str,
+    host: &str,
+    addr: SocketAddr,
+    upstream_extra: &str,
+) -> String {
+    let connectors = format!(
+        "[orgs.acme.connectors.{connector}]\nauth = \"basic\"\nresource_domain = \"https://{host}\"\n\
+         username = \"u\"\npassword = \"p\"\n"
+    );
+    pinned_config(host, addr, upstream_extra, &connectors)
 }
 
 /// Writes `path` into `dir` and returns it, for config fixtures that need real files.
