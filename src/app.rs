@@ -52,11 +52,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let routes = build_routes(config, None, &metrics)?;
         let app = Arc::new(Self {
-            proxy: Proxy::new(
-                routes,
-                config.server.max_concurrent_requests,
-                metrics.clone(),
-            ),
+            proxy: Proxy::new(config, routes, metrics.clone()),
             metrics,
             config_path: config.path.clone(),
             ready: AtomicBool::new(false),
@@ -108,6 +104,13 @@ impl App {
             let same = loaded.upstream == config.upstream && loaded.oauth == config.oauth;
             (same, restart_only_changes(&loaded.server, &config.server))
         };
+        let replay_memory_changed = {
+            let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+            loaded.upstream.replay_memory != config.upstream.replay_memory
+        };
+        let restart_only = restart_only
+            .into_iter()
+            .chain(replay_memory_changed.then_some("upstream.replay_memory"));
         for key in restart_only {
             tracing::warn!(
                 key,
@@ -254,7 +257,8 @@ async fn validate(connector: &Connector, upstream: &Upstream, url: http::Uri) ->
     *request.method_mut() = Method::GET;
     *request.uri_mut() = url;
     request.headers_mut().insert(AUTHORIZATION, authorization);
-    match upstream.send(request).await {
+    let deadline = tokio::time::Instant::now() + upstream.request_timeout();
+    match upstream.send(request, deadline).await {
         Ok(response) if response.status().is_success() => Validation::Ok { at },
         Ok(response) => Validation::Failed {
             at,

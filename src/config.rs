@@ -48,6 +48,8 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub max_replay_body: usize,
+    /// All bodies kept for a replay together; past it a body streams without a copy.
+    pub replay_memory: usize,
     /// Certificates trusted besides the web roots (from `extra_ca_file`).
     pub extra_roots: Vec<CertificateDer<'static>>,
     pub allow_networks: Vec<IpNet>,
@@ -60,6 +62,8 @@ pub struct OAuthSettings {
     pub refresh_before_expiry: Duration,
     pub default_expires_in: Duration,
     pub token_timeout: Duration,
+    /// A 401 renews a token only when it is older than this.
+    pub min_token_age: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use http::HeaderValue;
 
-use oauth::{Lookup, TokenSource};
+use oauth::{Lookup, Rejection, TokenSource};
 
 /// Why no credential could be had (502 `token_unavailable` / 504 `token_timeout`).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -42,15 +42,14 @@ impl Credentials {
         }
     }
 
-    /// After an upstream 401 to `sent`: whether a new credential may help (a replay is worth
-    /// it). For OAuth the rejected token is dropped; Basic credentials cannot change.
+    /// After an upstream 401 to `sent`: whether another credential may help (a replay is worth
+    /// it). An OAuth token old enough is dropped, and one already replaced leaves the new one to
+    /// try; a token younger than `oauth.min_token_age` is kept and the 401 stands. Basic
+    /// credentials cannot change.
     pub fn reject(&self, sent: &HeaderValue) -> bool {
         match self {
             Self::Basic(_) => false,
-            Self::OAuth(source) => {
-                source.invalidate(sent);
-                true
-            }
+            Self::OAuth(source) => source.reject(sent) != Rejection::Kept,
         }
     }
 }

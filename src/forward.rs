@@ -18,15 +18,17 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioTimer;
+use tokio::time::Instant;
 
+use crate::body::IdleTimeout;
 use crate::config::{ClientIdentity, UpstreamSettings};
 use connect::{ConnectError, UpstreamConnector};
 use http2::{Http2Body, Http2Pool, Route};
 use policy::AddressPolicy;
 
-/// A body sent upstream: the caller's, streamed, or one the proxy holds whole (a token request,
-/// a replayed request).
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+/// A body sent upstream: the caller's, streamed (and cut off when it sends nothing for
+/// `request_timeout`), or one the proxy holds whole (a token request, a replayed request).
+pub type UpstreamBody = Either<IdleTimeout<Incoming>, Full<Bytes>>;
 
 /// A response body from upstream: read from an HTTP/2 stream, or from hyper's HTTP/1.1 client.
 pub type ReceivedBody = Either<Http2Body, Incoming>;
@@ -49,6 +51,7 @@ pub enum ForwardError {
     /// the method is idempotent, in case it left after all.
     #[error("{0}")]
     NotSent(String),
+    /// No answer by the deadline; carries the limit it was set from, for the message.
     #[error("no response headers within {0:?}")]
     Timeout(Duration),
 }
@@ -109,21 +112,22 @@ impl Upstream {
     }
 
     /// `upstream.request_timeout`: the longest wait for response headers, and for each piece
-    /// of a response body after them.
+    /// of a body after them, either way.
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
     }
 
-    /// Sends `request` and waits for the response headers, at most `upstream.request_timeout`.
+    /// Sends `request` and waits for the response headers until `deadline`.
     pub async fn send(
         &self,
         request: Request<UpstreamBody>,
+        deadline: Instant,
     ) -> Result<Response<ReceivedBody>, ForwardError> {
-        self.send_on(&self.client, request, self.request_timeout)
-            .await
+        self.send_on(&self.client, request, deadline).await
     }
 
-    /// Sends `first`, waiting at most `timeout` for each answer. When the upstream turned it
+    /// Sends `first`, waiting until `deadline` for an answer, whatever the number of sends it
+    /// takes: one deadline covers them all. When the upstream turned it
     /// away unprocessed ([`ForwardError::NotProcessed`], as HTTP/2 servers do to streams beyond a
     /// graceful GOAWAY), or with `unsent_too` when hyper dropped it unsent
     /// ([`ForwardError::NotSent`]), sends what `again` builds on a new connection (the HTTP/2
@@ -133,11 +137,11 @@ impl Upstream {
     pub async fn send_resending(
         &self,
         first: Request<UpstreamBody>,
-        timeout: Duration,
+        deadline: Instant,
         unsent_too: bool,
         mut again: impl FnMut() -> Option<Request<UpstreamBody>>,
     ) -> Result<Response<ReceivedBody>, ForwardError> {
-        let mut result = self.send_on(&self.client, first, timeout).await;
+        let mut result = self.send_on(&self.client, first, deadline).await;
         for _ in 0..UNPROCESSED_RETRIES {
             let why = match &result {
                 Err(ForwardError::NotProcessed(why)) => why,
@@ -146,18 +150,18 @@ impl Upstream {
             };
             tracing::debug!(%why, "sending again on another connection");
             let Some(request) = again() else { break };
-            result = self.send_on(&self.retry_client, request, timeout).await;
+            result = self.send_on(&self.retry_client, request, deadline).await;
         }
         result
     }
 
     /// Sends on the authority's HTTP/2 connection, or on `client` where the server chose
-    /// HTTP/1.1; `timeout` covers connecting too.
+    /// HTTP/1.1; `deadline` covers connecting too.
     async fn send_on(
         &self,
         client: &Client<UpstreamConnector, UpstreamBody>,
         mut request: Request<UpstreamBody>,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<Response<ReceivedBody>, ForwardError> {
         let exchange = async {
             match self.http2.route(request.uri()).await? {
@@ -172,9 +176,17 @@ impl Upstream {
                 }
             }
         };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .unwrap_or(Err(ForwardError::Timeout(timeout)))
+        match tokio::time::timeout_at(deadline, exchange).await {
+            // A caller's body that stalls fails its send once it has sent nothing for
+            // request_timeout, which is never before the deadline (both are that long, and the
+            // body's wait starts later): that, too, is the deadline passing, not a broken
+            // upstream, however the two timers' order falls in one tick.
+            Ok(Err(_)) | Err(_) if Instant::now() >= deadline => {
+                Err(ForwardError::Timeout(self.request_timeout))
+            }
+            Ok(result) => result,
+            Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
+        }
     }
 }
 

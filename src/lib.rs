@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod body;
 pub mod config;
 pub mod credentials;
 pub mod error;

@@ -55,7 +55,7 @@ impl ConnectorLabels {
 pub struct OutcomeLabels {
     pub org: Arc<str>,
     pub connector: Arc<str>,
-    /// `success`, `error` or `timeout`.
+    /// Token requests: `success`, `error` or `timeout`; token rejections: `renewed` or `kept`.
     pub outcome: &'static str,
 }
 
@@ -85,6 +85,7 @@ pub struct Metrics {
     pub inflight: Gauge,
     pub token_requests: Family<OutcomeLabels, Counter>,
     pub token_cache: Family<CacheLabels, Counter>,
+    pub token_rejections: Family<OutcomeLabels, Counter>,
     pub token_expiry: Family<ConnectorLabels, Gauge<f64, AtomicU64>>,
     pub validation_ok: Family<ConnectorLabels, Gauge>,
     pub config_reloads: Family<ReloadLabels, Counter>,
@@ -133,6 +134,12 @@ impl Metrics {
             "Token lookups: hit, miss (waited for a fetch) or refresh",
             token_cache.clone(),
         );
+        let token_rejections = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "token_rejections",
+            "Upstream 401s to a token: renewed (dropped, a new one fetched) or kept (younger than oauth.min_token_age, the 401 returned as it is)",
+            token_rejections.clone(),
+        );
         let token_expiry = Family::<ConnectorLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "token_expiry_seconds",
@@ -165,6 +172,7 @@ impl Metrics {
             inflight,
             token_requests,
             token_cache,
+            token_rejections,
             token_expiry,
             validation_ok,
             config_reloads,

@@ -1,6 +1,8 @@
 //! Listeners and the process lifecycle: bind, serve each connection (HTTP/1.1, or h2c by
-//! preface), and on shutdown stop accepting at once and let requests in flight finish within
-//! `server.shutdown_grace`.
+//! preface) under the same limits, and on shutdown stop accepting at once and let requests in
+//! flight finish within `server.shutdown_grace`.
+
+mod conn;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,12 +15,13 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::admin;
 use crate::app::{App, BuildError};
 use crate::config::{Config, ServerSettings};
+use conn::{Activity, Counted, WriteTimeout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -32,10 +35,13 @@ pub enum ServerError {
     Build(#[from] BuildError),
 }
 
-/// The proxy and admin listeners, bound and ready to serve.
 /// Header fields per request; more are answered 431 by hyper (its default, made explicit).
 const MAX_HEADERS: usize = 100;
 
+/// Concurrent streams per h2c connection (nginx's `http2_max_concurrent_streams` default).
+const MAX_CONCURRENT_STREAMS: u32 = 128;
+
+/// The proxy and admin listeners, bound and ready to serve.
 pub struct Server {
     listener: TcpListener,
     admin: TcpListener,
@@ -85,13 +91,17 @@ impl Server {
             .header_read_timeout(self.settings.header_read_timeout)
             .max_headers(MAX_HEADERS)
             .max_buf_size(self.settings.max_header_bytes);
+        // h2c gets HTTP/1.1's limits: the same head size, and a dead or idle connection closed
+        // within `header_read_timeout` (pings here, the idle close in `conn::drive`).
+        let idle = self.settings.header_read_timeout;
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(
-                u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX),
-            );
-        let graceful = GracefulShutdown::new();
+            .max_header_list_size(u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .keep_alive_interval(idle)
+            .keep_alive_timeout(idle);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         self.app.validate_connectors();
         tokio::pin!(shutdown);
         loop {
@@ -108,20 +118,32 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
+            // Read at each accept, so that a reload of request_timeout reaches new connections.
+            let write_limit = self.app.proxy.routes().upstream.request_timeout();
+            let io = TokioIo::new(WriteTimeout::new(stream, write_limit));
             let app = self.app.clone();
-            let service = service_fn(move |request| {
+            let activity = Arc::new(Activity::default());
+            let counts = activity.clone();
+            let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let app = app.clone();
+                let open = counts.begin(request.version() == hyper::Version::HTTP_2);
                 // Boxed: hyper keeps room for the service's future in every connection, busy
                 // or idle; a box is 8 bytes there instead of the 3.4 KiB request state machine.
-                Box::pin(async move { Ok::<_, Infallible>(app.proxy.handle(request).await) })
+                Box::pin(async move {
+                    let response = app.proxy.handle(request).await;
+                    Ok::<_, Infallible>(response.map(|inner| Counted { inner, _open: open }))
+                })
             });
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
+            let connection = builder.serve_connection(io, service).into_owned();
+            let shutdown = shutdown_rx.clone();
             tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                let graceful = |c: std::pin::Pin<&mut _>| auto::Connection::graceful_shutdown(c);
+                match conn::drive(connection, graceful, activity, idle, shutdown).await {
+                    Some(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    }
+                    Some(Ok(())) => {}
+                    None => tracing::debug!(%peer, "idle client connection dropped"),
                 }
             });
         }
@@ -130,8 +152,11 @@ impl Server {
         admin.abort();
         reloads.abort();
         tracing::info!(grace = ?self.settings.shutdown_grace, "shutting down: listeners closed, draining requests in flight");
+        // Every connection's driver holds a receiver: closed() completes when the last is done.
+        drop(shutdown_rx);
+        let _ = shutdown_tx.send(true);
         tokio::select! {
-            () = graceful.shutdown() => tracing::info!("all connections drained"),
+            () = shutdown_tx.closed() => tracing::info!("all connections drained"),
             () = tokio::time::sleep(self.settings.shutdown_grace) => {
                 tracing::warn!("shutdown grace period over; closing remaining connections");
             }

@@ -78,6 +78,7 @@ pub struct RawUpstream {
     pub connect_timeout: HumanDuration,
     pub request_timeout: HumanDuration,
     pub max_replay_body: ByteSize,
+    pub replay_memory: ByteSize,
     pub extra_ca_file: Option<Spanned<String>>,
     pub allow_networks: Vec<Spanned<String>>,
     pub resolve: BTreeMap<String, Spanned<String>>,
@@ -89,6 +90,7 @@ impl Default for RawUpstream {
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             request_timeout: HumanDuration(Duration::from_secs(30)),
             max_replay_body: ByteSize(1024 * 1024),
+            replay_memory: ByteSize(64 * 1024 * 1024),
             extra_ca_file: None,
             allow_networks: Vec::new(),
             resolve: BTreeMap::new(),
@@ -102,6 +104,7 @@ pub struct RawOAuth {
     pub refresh_before_expiry: HumanDuration,
     pub default_expires_in: HumanDuration,
     pub token_timeout: HumanDuration,
+    pub min_token_age: HumanDuration,
 }
 
 impl Default for RawOAuth {
@@ -110,6 +113,7 @@ impl Default for RawOAuth {
             refresh_before_expiry: HumanDuration(Duration::from_secs(60)),
             default_expires_in: HumanDuration(Duration::from_secs(300)),
             token_timeout: HumanDuration(Duration::from_secs(10)),
+            min_token_age: HumanDuration(Duration::from_secs(10)),
         }
     }
 }

@@ -52,6 +52,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
         refresh_before_expiry: raw.oauth.refresh_before_expiry.0,
         default_expires_in: raw.oauth.default_expires_in.0,
         token_timeout: raw.oauth.token_timeout.0,
+        min_token_age: raw.oauth.min_token_age.0,
     };
     let mut orgs = BTreeMap::new();
     for (name, org) in &raw.orgs {
@@ -173,6 +174,7 @@ impl Validator<'_> {
                 "connect_timeout",
                 "request_timeout",
                 "max_replay_body",
+                "replay_memory",
                 "extra_ca_file",
                 "allow_networks",
                 "resolve",
@@ -181,6 +183,7 @@ impl Validator<'_> {
                 "refresh_before_expiry",
                 "default_expires_in",
                 "token_timeout",
+                "min_token_age",
             ],
             ["orgs", _] => &["inbound_token", "connectors"],
             ["orgs", _, "connectors", ..] => raw::CONNECTOR_KEYS,
@@ -335,6 +338,7 @@ impl Validator<'_> {
             connect_timeout: raw.connect_timeout.0,
             request_timeout: raw.request_timeout.0,
             max_replay_body: usize::try_from(raw.max_replay_body.0).unwrap_or(usize::MAX),
+            replay_memory: usize::try_from(raw.replay_memory.0).unwrap_or(usize::MAX),
             extra_roots,
             allow_networks,
             resolve,

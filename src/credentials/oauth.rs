@@ -1,13 +1,19 @@
 //! The token cell of one OAuth connector: one cached token, fetched on first use, refreshed
 //! ahead of expiry, never sent past its deadline.
 //!
-//! - Single flight: fetches run under one async mutex; a caller that waited on it looks again
-//!   before fetching, so 1,000 simultaneous first requests make one token request.
-//! - Refresh ahead: after each fetch a timer waits until the refresh margin
-//!   (`min(refresh_before_expiry, 20% of lifetime)` before expiry) and refreshes in the
+//! - Single flight: a fetch runs as a task of its own and every caller without a usable token
+//!   waits for its result, so 1,000 simultaneous first requests make one token request, and a
+//!   caller that gives up (its client went away) cancels nothing: the callers after it wait for
+//!   the same fetch.
+//! - Refresh ahead: after each fetch one timer (it replaces the last) waits until the refresh
+//!   margin (`min(refresh_before_expiry, 20% of lifetime)` before expiry) and refreshes in the
 //!   background if the token was used meanwhile; callers keep the current token, so in steady
 //!   state nobody waits. An unused token is left to lapse rather than kept fresh forever.
-//! - Deadline: a token is never handed out within `min(5s, 10% of lifetime)` of its expiry.
+//! - Lifetime: `expires_in` less one second (servers truncate it to whole seconds), counted from
+//!   when the token request was sent. A token is never handed out within
+//!   `min(5s, 10% of lifetime)` of its expiry.
+//! - 401s: a refused token is dropped only when it is older than `oauth.min_token_age`, so a
+//!   path that always answers 401 cannot drive the token endpoint.
 //! - Failures: capped exponential backoff with jitter; during it, callers without a usable token
 //!   get the last error at once instead of piling onto the token endpoint.
 //!
@@ -24,6 +30,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::CredentialError;
@@ -41,8 +49,10 @@ pub struct TokenSource {
     endpoint: TokenEndpoint,
     settings: OAuthSettings,
     state: Mutex<State>,
-    fetch: tokio::sync::Mutex<()>,
 }
+
+/// The fetch in flight, as its waiters see it: `None` until it has ended.
+type Flight = watch::Receiver<Option<Result<HeaderValue, CredentialError>>>;
 
 #[derive(Default)]
 struct State {
@@ -55,10 +65,16 @@ struct State {
     retry_at: Option<Instant>,
     last_error: Option<TokenError>,
     last_error_at: Option<SystemTime>,
+    /// The fetch running now, if any.
+    flight: Option<Flight>,
+    /// The one refresh-ahead timer, for the current token.
+    refresh_timer: Option<AbortHandle>,
 }
 
 struct Token {
     header: HeaderValue,
+    /// When its request was sent: its age decides whether a 401 may renew it.
+    requested_at: Instant,
     expires: Instant,
     refresh_at: Instant,
     send_until: Instant,
@@ -70,6 +86,17 @@ pub struct TokenStatus {
     pub valid_for: Option<Duration>,
     pub last_error: Option<String>,
     pub last_error_at: Option<SystemTime>,
+}
+
+/// What an upstream's 401 to a token did to the cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The refused token was old enough to be dropped; the next caller gets a new one.
+    Renewed,
+    /// The refused token is younger than `oauth.min_token_age`: kept, the 401 is the answer.
+    Kept,
+    /// The cell no longer holds the refused token (another request replaced or dropped it).
+    Replaced,
 }
 
 /// How a caller got its token, for metrics and the request's log line.
@@ -103,7 +130,6 @@ impl TokenSource {
             endpoint,
             settings,
             state: Mutex::new(State::default()),
-            fetch: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -132,14 +158,34 @@ impl TokenSource {
     }
 
     async fn miss(self: &Arc<Self>) -> Result<(HeaderValue, Lookup), CredentialError> {
-        self.fail_fast()?;
-        let _flight = self.fetch.lock().await;
-        // Whoever held the lock before us may have fetched, or failed.
-        if let Some(value) = self.usable() {
-            return Ok((value, Lookup::Miss));
+        let flight = {
+            let mut state = self.state();
+            // A fetch may have ended between the first look and this one.
+            if let Some(value) = usable(&mut state) {
+                return Ok((value, Lookup::Miss));
+            }
+            fail_fast(&state)?;
+            self.join_flight(&mut state)
+        };
+        Ok((wait(flight).await?, Lookup::Miss))
+    }
+
+    /// The fetch in flight, or a new one started as a task of its own: it runs to its end
+    /// whoever waits for it, and installs what it got before anyone is told.
+    fn join_flight(self: &Arc<Self>, state: &mut State) -> Flight {
+        if let Some(flight) = &state.flight
+            && flight.has_changed().is_ok()
+        {
+            return flight.clone();
         }
-        self.fail_fast()?;
-        Ok((self.fetch_locked().await?, Lookup::Miss))
+        let (done, flight) = watch::channel(None);
+        state.flight = Some(flight.clone());
+        let cell = self.clone();
+        tokio::spawn(async move {
+            let result = cell.fetch().await;
+            done.send_replace(Some(result));
+        });
+        flight
     }
 
     fn count_cache(&self, result: &'static str) {
@@ -160,13 +206,33 @@ impl TokenSource {
         self.metrics.token_requests.get_or_create(&labels).inc();
     }
 
-    /// Drops the token if it is still `rejected` (an upstream answered 401 to it), so that the
-    /// next caller fetches a new one. A token already replaced is left alone.
-    pub fn invalidate(&self, rejected: &HeaderValue) {
+    /// After an upstream answered 401 to `refused`: drops it when the cell still holds it and it
+    /// is older than `oauth.min_token_age`, so that the next caller fetches a new one. A younger
+    /// token is kept (a fresh token refused is a permission problem, not an expired token).
+    pub fn reject(&self, refused: &HeaderValue) -> Rejection {
         let mut state = self.state();
-        if state.token.as_ref().is_some_and(|t| t.header == *rejected) {
-            state.token = None;
-        }
+        let verdict = match &state.token {
+            Some(t) if t.header != *refused => Rejection::Replaced,
+            None => Rejection::Replaced,
+            Some(t) if t.requested_at.elapsed() < self.settings.min_token_age => Rejection::Kept,
+            Some(_) => {
+                state.token = None;
+                Rejection::Renewed
+            }
+        };
+        drop(state);
+        let outcome = match verdict {
+            Rejection::Renewed => "renewed",
+            Rejection::Kept => "kept",
+            Rejection::Replaced => return verdict,
+        };
+        let labels = OutcomeLabels {
+            org: self.labels.org.clone(),
+            connector: self.labels.connector.clone(),
+            outcome,
+        };
+        self.metrics.token_rejections.get_or_create(&labels).inc();
+        verdict
     }
 
     pub fn status(&self) -> TokenStatus {
@@ -184,26 +250,13 @@ impl TokenSource {
     }
 
     fn usable(&self) -> Option<HeaderValue> {
-        let mut state = self.state();
-        let token = state
-            .token
-            .as_ref()
-            .filter(|t| Instant::now() < t.send_until)?;
-        let header = token.header.clone();
-        state.used = true;
-        Some(header)
+        usable(&mut self.state())
     }
 
-    fn fail_fast(&self) -> Result<(), CredentialError> {
-        let state = self.state();
-        match (&state.retry_at, &state.last_error) {
-            (Some(at), Some(error)) if Instant::now() < *at => Err(to_credential_error(error)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Fetches under the flight lock, records the outcome and returns the new header.
-    async fn fetch_locked(self: &Arc<Self>) -> Result<HeaderValue, CredentialError> {
+    /// One fetch (the flight's task): the refresh token first where there is one, then the
+    /// configured grant. Records the outcome and ends the flight under one lock, so that a
+    /// caller never finds neither a token, nor an error, nor a flight.
+    async fn fetch(self: &Arc<Self>) -> Result<HeaderValue, CredentialError> {
         let started = Instant::now();
         let refresh_token = self.state().refresh_token.clone();
         let mut result = match &refresh_token {
@@ -219,6 +272,7 @@ impl TokenSource {
             Ok(issued) => Ok(self.install(issued, started)),
             Err(error) => {
                 let mut state = self.state();
+                state.flight = None;
                 state.failures += 1;
                 state.retry_at = Some(Instant::now() + backoff(state.failures));
                 let reported = to_credential_error(&error);
@@ -247,9 +301,12 @@ impl TokenSource {
     }
 
     fn install(self: &Arc<Self>, issued: Issued, requested_at: Instant) -> HeaderValue {
+        // Servers truncate `expires_in` to whole seconds: a 4 s token may lapse 3.01 s after it
+        // was issued.
         let lifetime = issued
             .expires_in
-            .unwrap_or(self.settings.default_expires_in);
+            .unwrap_or(self.settings.default_expires_in)
+            .saturating_sub(Duration::from_secs(1));
         let margin = self
             .settings
             .refresh_before_expiry
@@ -262,6 +319,7 @@ impl TokenSource {
         header.set_sensitive(true);
         let token = Token {
             header: header.clone(),
+            requested_at,
             expires,
             refresh_at: expires - margin,
             send_until: expires - guard,
@@ -276,12 +334,18 @@ impl TokenSource {
         state.failures = 0;
         state.retry_at = None;
         state.last_error = None;
-        drop(state);
-        self.schedule_refresh(refresh_at);
+        state.flight = None;
+        // One timer per cell: the last token's goes with it.
+        if let Some(old) = state
+            .refresh_timer
+            .replace(self.schedule_refresh(refresh_at))
+        {
+            old.abort();
+        }
         header
     }
 
-    fn schedule_refresh(self: &Arc<Self>, at: Instant) {
+    fn schedule_refresh(self: &Arc<Self>, at: Instant) -> AbortHandle {
         let cell: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep_until(at).await;
@@ -289,40 +353,65 @@ impl TokenSource {
             if let Some(cell) = cell.upgrade() {
                 cell.refresh_ahead().await;
             }
-        });
+        })
+        .abort_handle()
     }
 
     /// Runs at the refresh margin. Retries with backoff while the current token can still be
-    /// sent; after that, callers fetch (or fail fast) themselves.
+    /// sent; after that, callers fetch (or fail fast) themselves. A new token installed aborts
+    /// this timer and starts its own.
     async fn refresh_ahead(self: Arc<Self>) {
         loop {
-            {
-                let state = self.state();
+            let flight = {
+                let mut state = self.state();
                 let Some(token) = &state.token else { return };
                 if !state.used || Instant::now() >= token.send_until {
                     return;
                 }
-            }
-            let flight = self.fetch.lock().await;
-            if self
-                .state()
-                .token
-                .as_ref()
-                .is_some_and(|t| Instant::now() < t.refresh_at)
-            {
-                return; // someone else already refreshed (a 401 invalidation, say)
-            }
-            self.count_cache("refresh");
-            if self.fetch_locked().await.is_ok() {
+                if state.flight.is_none() {
+                    self.count_cache("refresh");
+                }
+                self.join_flight(&mut state)
+            };
+            if wait(flight).await.is_ok() {
                 return;
             }
-            let wait = self
-                .state()
-                .retry_at
-                .map_or(BACKOFF_BASE, |at| at - Instant::now());
-            drop(flight);
+            let wait = self.state().retry_at.map_or(BACKOFF_BASE, |at| {
+                at.saturating_duration_since(Instant::now())
+            });
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+/// The cached token, when it may still be sent; marks it used.
+fn usable(state: &mut State) -> Option<HeaderValue> {
+    let token = state
+        .token
+        .as_ref()
+        .filter(|t| Instant::now() < t.send_until)?;
+    let header = token.header.clone();
+    state.used = true;
+    Some(header)
+}
+
+/// The last error, while the backoff after it runs.
+fn fail_fast(state: &State) -> Result<(), CredentialError> {
+    match (&state.retry_at, &state.last_error) {
+        (Some(at), Some(error)) if Instant::now() < *at => Err(to_credential_error(error)),
+        _ => Ok(()),
+    }
+}
+
+/// The flight's result, however many wait for it.
+async fn wait(mut flight: Flight) -> Result<HeaderValue, CredentialError> {
+    match flight.wait_for(Option::is_some).await {
+        Ok(result) => result.clone().expect("waited for Some"),
+        // The task ended without an answer: only a panic does that.
+        Err(_) => Err(CredentialError::Unavailable {
+            message: "the token fetch ended without an answer".into(),
+            oauth_error: None,
+        }),
     }
 }
 

@@ -313,8 +313,12 @@ impl Conn {
             .send_request(Request::from_parts(head, ()), end_of_stream)
             .map_err(|e| self.failed(e))?;
         self.state.opened.fetch_add(1, Ordering::Relaxed);
-        let mut pipe = (!end_of_stream)
-            .then(|| PipeGuard(Some(tokio::spawn(pipe(body, stream)).abort_handle())));
+        // The body's task counts as a use of the connection for as long as it runs (it may
+        // outlive the response head): the connection's stream limit includes it.
+        let mut pipe = (!end_of_stream).then(|| {
+            let task = pipe(body, stream, self.state.clone());
+            PipeGuard(Some(tokio::spawn(task).abort_handle()))
+        });
         let response = response.await.map_err(|e| self.failed(e))?;
         if let Some(pipe) = &mut pipe {
             // The answer came: the body, if still going, goes on by itself.
@@ -383,8 +387,10 @@ impl Drop for PipeGuard {
     }
 }
 
-/// Streams a request body onto its HTTP/2 stream within the flow-control window.
-async fn pipe(mut body: UpstreamBody, mut stream: SendStream<Bytes>) {
+/// Streams a request body onto its HTTP/2 stream within the flow-control window. A caller's
+/// body that sends nothing for `request_timeout` fails (it is wrapped in an idle timeout) and
+/// the stream is reset.
+async fn pipe(mut body: UpstreamBody, mut stream: SendStream<Bytes>, _conn: Arc<ConnState>) {
     if let Err(e) = pipe_frames(&mut body, &mut stream).await {
         tracing::debug!(error = %e, "request body not sent whole");
         stream.send_reset(h2::Reason::INTERNAL_ERROR);

@@ -14,7 +14,7 @@ use url::form_urlencoded;
 
 use super::assertion::AssertionSigner;
 use crate::config::{ClientAuth, Grant, OAuthClient};
-use crate::forward::{ForwardError, Upstream};
+use crate::forward::{ForwardError, Upstream, UpstreamBody};
 use crate::secret::Secret;
 
 /// Token responses are small; anything larger is not one.
@@ -97,6 +97,7 @@ impl TokenEndpoint {
 
     pub async fn request(&self, grant: GrantRequest<'_>) -> Result<Issued, TokenError> {
         let request = self.build(&grant)?;
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let exchange = async {
             // Sent again when the endpoint turned it away unprocessed or it never left: a token
             // server behind HTTP/2 closing connections (nginx's keepalive_requests) would
@@ -104,7 +105,7 @@ impl TokenEndpoint {
             let again = || self.build(&grant).ok();
             let response = self
                 .upstream
-                .send_resending(request, self.timeout, true, again)
+                .send_resending(request, deadline, true, again)
                 .await
                 .map_err(|e| match e {
                     ForwardError::Timeout(_) => TokenError::Timeout(self.timeout),
@@ -123,15 +124,12 @@ impl TokenEndpoint {
         };
         // The deadline covers the body too: a server that sends headers and then stalls must
         // not hold callers longer than token_timeout.
-        tokio::time::timeout(self.timeout, exchange)
+        tokio::time::timeout_at(deadline, exchange)
             .await
             .unwrap_or(Err(TokenError::Timeout(self.timeout)))
     }
 
-    fn build(
-        &self,
-        grant: &GrantRequest<'_>,
-    ) -> Result<Request<Either<hyper::body::Incoming, Full<Bytes>>>, TokenError> {
+    fn build(&self, grant: &GrantRequest<'_>) -> Result<Request<UpstreamBody>, TokenError> {
         let c = &self.client;
         let mut form = form_urlencoded::Serializer::new(String::new());
         match (&grant, &c.grant) {
