@@ -95,13 +95,17 @@ pub struct Seen {
     pub at: std::time::Instant,
 }
 
-/// A TLS upstream on 127.0.0.1. Paths (optionally under `/api`): `/slow/<ms>`, `/redirect`, `/download/<bytes>`,
-/// `/status/<code>`; anything else answers 200 "ok". Request bodies are counted, not kept.
+/// A TLS upstream on 127.0.0.1. Paths (optionally under `/api`): `/slow/<ms>` (answers after
+/// that wait), `/redirect`, `/download/<bytes>`, `/status/<code>`, `/x-proxy-error` (a 200
+/// carrying an `X-Proxy-Error` of its own); anything else answers 200 "ok". Request bodies are
+/// counted, not kept.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// `Authorization` values answered 401 (a token the API no longer accepts).
     pub reject: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Download bodies made and not yet dropped (the proxy let go of the stream when it is 0).
+    pub open_downloads: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -116,15 +120,17 @@ impl Upstream {
         let config = server_config(leaf, alpn);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let reject = Arc::new(Mutex::new(std::collections::HashSet::new()));
-        let (seen_in, reject_in) = (seen.clone(), reject.clone());
+        let open_downloads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (seen_in, reject_in, open_in) = (seen.clone(), reject.clone(), open_downloads.clone());
         let (addr, task) = serve_tls(config, move |req, _| {
-            answer(req, seen_in.clone(), reject_in.clone())
+            answer(req, seen_in.clone(), reject_in.clone(), open_in.clone())
         })
         .await;
         Self {
             addr,
             seen,
             reject,
+            open_downloads,
             task,
         }
     }
@@ -219,6 +225,7 @@ async fn answer(
     req: Request<Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
     reject: Arc<Mutex<std::collections::HashSet<String>>>,
+    open_downloads: Arc<std::sync::atomic::AtomicUsize>,
 ) -> Result<Response<TestBody>, Infallible> {
     let (parts, mut body) = req.into_parts();
     let mut body_len = 0u64;
@@ -263,11 +270,20 @@ async fn answer(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    // A slow answer is slow whatever it turns out to be (a 401 too).
+    let slow = path.strip_prefix("/slow/");
+    if let Some(ms) = slow {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
+    }
     let response = if reject.lock().unwrap().contains(authorization) {
         full(401, "token rejected".into())
-    } else if let Some(ms) = path.strip_prefix("/slow/") {
-        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
+    } else if slow.is_some() {
         full(200, "slow".into())
+    } else if path == "/x-proxy-error" {
+        let mut r = full(200, r#"{"error":"token_unavailable"}"#.into());
+        r.headers_mut()
+            .insert("x-proxy-error", "token_unavailable".parse().unwrap());
+        r
     } else if path == "/redirect" {
         let mut r = full(302, String::new());
         r.headers_mut().insert(
@@ -276,10 +292,9 @@ async fn answer(
         );
         r
     } else if let Some(n) = path.strip_prefix("/download/") {
-        let download = Download {
-            left: n.parse().unwrap(),
-            chunk: Bytes::from(vec![b'x'; 64 * 1024]),
-        };
+        let mut download = Download::new(n.parse().unwrap());
+        open_downloads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        download.open = Some(open_downloads);
         Response::new(download.boxed())
     } else if let Some(code) = path.strip_prefix("/status/") {
         full(code.parse().unwrap(), format!("status {code}"))
@@ -300,6 +315,8 @@ async fn answer(
 pub struct Download {
     left: u64,
     chunk: Bytes,
+    /// Counted down when the body is dropped.
+    open: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl Download {
@@ -307,6 +324,15 @@ impl Download {
         Self {
             left: size,
             chunk: Bytes::from(vec![b'x'; 64 * 1024]),
+            open: None,
+        }
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        if let Some(open) = &self.open {
+            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }

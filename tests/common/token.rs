@@ -70,6 +70,11 @@ pub struct State {
     pub gate: Option<Arc<Notify>>,
     pub waiting_at_gate: u64,
     pub delay: Duration,
+    /// Requests that reached the endpoint, answered or not (a client may give up first).
+    pub arrived: u64,
+    /// When each issued token lapses, from `exp` in whole seconds as oidc-provider computes it
+    /// (issued at 12.9 s with `expires_in: 4`, it lapses at 16 s).
+    pub lapses: HashMap<String, Instant>,
 }
 
 pub struct TokenServer {
@@ -123,6 +128,8 @@ impl TokenServer {
             gate: None,
             waiting_at_gate: 0,
             delay: Duration::ZERO,
+            arrived: 0,
+            lapses: HashMap::new(),
         }));
         let token_url = format!("https://{TOKEN_HOST}{TOKEN_PATH}");
         let (shared, audience) = (state.clone(), token_url.clone());
@@ -199,7 +206,8 @@ async fn answer(
         .unwrap_or_default();
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let (mode, delay, gate) = {
-        let s = state.lock().unwrap();
+        let mut s = state.lock().unwrap();
+        s.arrived += 1;
         (
             s.mode.clone(),
             s.delay,
@@ -341,6 +349,13 @@ fn decide(
     let mut body = serde_json::json!({ "access_token": token, "token_type": "bearer" });
     if let Some(expires_in) = &s.expires_in {
         body["expires_in"] = expires_in.clone();
+        if let Some(seconds) = expires_in.as_u64() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            let exp = Duration::from_secs(now.as_secs() + seconds);
+            s.lapses.insert(token.clone(), Instant::now() + (exp - now));
+        }
     }
     if logged.grant_type != "client_credentials" {
         let refresh = format!("rt-5ecret-{}", s.issued);
