@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use common::{Pki, Proxy, Upstream, get, send};
+use common::{Pki, Proxy, Upstream, get, raw, send};
 
 const PASSWORD: &str = "crm-pa$$word-7f3e";
 const INBOUND: &str = "inbound-token-9c1d";
@@ -173,6 +173,22 @@ async fn absolute_form_over_http1_sets_host_without_default_port() {
     assert_eq!(seen[0].authority, "legacy.example.org");
     assert_eq!(seen[0].uri, "/a/b?q");
     assert_eq!(seen[0].headers.get_all("host").iter().count(), 1);
+}
+
+#[tokio::test]
+async fn only_the_proxy_makes_x_proxy_error() {
+    let world = World::new().await;
+    let proxy = world.standard();
+    let answer = get(proxy.addr, "/x-proxy-error", &[CONNECTOR]).await;
+    // The upstream's own answer, whole, but without the header a flow reads as the proxy's.
+    assert_eq!(answer.status, 200);
+    assert_eq!(&answer.body[..], br#"{"error":"token_unavailable"}"#);
+    assert!(
+        answer.headers.get("x-proxy-error").is_none(),
+        "{:?}",
+        answer.headers
+    );
+    assert_eq!(world.crm.seen().len(), 1);
 }
 
 #[tokio::test]
@@ -540,6 +556,15 @@ async fn requests_beyond_the_concurrency_limit_are_overloaded() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     expect_error(&proxy, "GET", "/x", &[CONNECTOR], 503, "overloaded").await;
+    // CONNECT is refused before the limit is looked at: under overload too it is a 405.
+    let connect = raw(
+        proxy.addr,
+        b"CONNECT crm.example.com:443 HTTP/1.1\r\nHost: crm.example.com:443\r\nX-Connector-Name: crm\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(connect.status, 405, "{connect:?}");
+    assert_eq!(connect.header("x-proxy-error"), Some("connect_not_supported"));
     assert_eq!(slow.await.unwrap().status, 200);
     // Once the permit is back, requests flow again.
     assert_eq!(get(proxy.addr, "/x", &[CONNECTOR]).await.status, 200);
