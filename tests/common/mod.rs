@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 pub mod metrics;
+pub mod oauth;
 pub mod token;
 
 use std::convert::Infallible;
