@@ -105,7 +105,12 @@ async fn kept_bodies_share_replay_memory_and_others_are_served_meanwhile() {
         &post_client(&world, "api"),
         &[],
     );
-    assert_eq!(get(proxy.addr, "/x", &[("x-connector-name", "api")]).await.status, 200);
+    assert_eq!(
+        get(proxy.addr, "/x", &[("x-connector-name", "api")])
+            .await
+            .status,
+        200
+    );
     let before = rss_kib(proxy.pid());
     // Forty callers announce 1 MiB each and send all but 24 KiB of it.
     let mut held = Vec::new();
@@ -166,12 +171,8 @@ async fn refuses_every_stream_slowly(pki: &Pki, delay: Duration) -> (SocketAddr,
 async fn resends_share_one_request_timeout() {
     let pki = Pki::new();
     let (crm, streams) = refuses_every_stream_slowly(&pki, Duration::from_millis(700)).await;
-    let config = common::one_basic_connector(
-        "crm",
-        "crm.example.com",
-        crm,
-        "request_timeout = \"2s\"",
-    );
+    let config =
+        common::one_basic_connector("crm", "crm.example.com", crm, "request_timeout = \"2s\"");
     let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
     let answer = get(proxy.addr, "/x", &[("x-connector-name", "crm")]).await;
     // Refused at 0.7, 1.4 and (cut off at 2.0) 2.1 s: the deadline ends it, not the resends.
@@ -191,14 +192,23 @@ async fn the_401_replay_shares_the_request_timeout() {
         &post_client(&world, "api"),
         &[],
     );
-    assert_eq!(get(proxy.addr, "/x", &[("x-connector-name", "api")]).await.status, 200);
+    assert_eq!(
+        get(proxy.addr, "/x", &[("x-connector-name", "api")])
+            .await
+            .status,
+        200
+    );
     let first = format!("Bearer {}", world.token.issued_to("api")[0]);
     world.crm.reject.lock().unwrap().insert(first);
     // 1.2 s to the 401, a new token, then 1.2 s more: past the one 2 s deadline.
     let answer = get(proxy.addr, "/slow/1200", &[("x-connector-name", "api")]).await;
     assert_eq!(answer.status, 504, "{answer:?}");
     assert_eq!(answer.proxy_error().as_deref(), Some("upstream_timeout"));
-    assert_eq!(world.token.issued_to("api").len(), 2, "the replay was tried");
+    assert_eq!(
+        world.token.issued_to("api").len(),
+        2,
+        "the replay was tried"
+    );
 }
 
 #[tokio::test]
@@ -232,6 +242,11 @@ async fn a_caller_that_stops_reading_is_cut_off_with_its_permit_and_upstream_str
         "the upstream stream is still open"
     );
     // The one permit is free again.
-    assert_eq!(get(proxy.addr, "/x", &[("x-connector-name", "crm")]).await.status, 200);
+    assert_eq!(
+        get(proxy.addr, "/x", &[("x-connector-name", "crm")])
+            .await
+            .status,
+        200
+    );
     drop(tcp);
 }

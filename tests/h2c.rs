@@ -86,7 +86,9 @@ struct H2Answer {
 
 impl H2Answer {
     fn proxy_error(&self) -> Option<&str> {
-        self.headers.get("x-proxy-error").map(|v| v.to_str().unwrap())
+        self.headers
+            .get("x-proxy-error")
+            .map(|v| v.to_str().unwrap())
     }
 }
 
@@ -169,7 +171,10 @@ async fn h2c_requests_are_answered_as_their_http1_twins() {
     )
     .await;
     assert_eq!(outside.status, 403);
-    assert_eq!(outside.proxy_error(), Some("target_outside_resource_domain"));
+    assert_eq!(
+        outside.proxy_error(),
+        Some("target_outside_resource_domain")
+    );
     let escaping = h2_get(
         &mut send,
         &format!("{base}/../admin"),

@@ -564,7 +564,10 @@ async fn requests_beyond_the_concurrency_limit_are_overloaded() {
     )
     .await;
     assert_eq!(connect.status, 405, "{connect:?}");
-    assert_eq!(connect.header("x-proxy-error"), Some("connect_not_supported"));
+    assert_eq!(
+        connect.header("x-proxy-error"),
+        Some("connect_not_supported")
+    );
     assert_eq!(slow.await.unwrap().status, 200);
     // Once the permit is back, requests flow again.
     assert_eq!(get(proxy.addr, "/x", &[CONNECTOR]).await.status, 200);

@@ -55,7 +55,11 @@ async fn a_path_that_always_answers_401_cannot_drive_the_token_endpoint() {
         metric(
             &samples,
             "connector_proxy_token_rejections_total",
-            &[("org", "acme"), ("connector", "denied"), ("outcome", outcome)],
+            &[
+                ("org", "acme"),
+                ("connector", "denied"),
+                ("outcome", outcome),
+            ],
         )
     };
     assert_eq!(rejections("kept"), Some(20.0));

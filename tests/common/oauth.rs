@@ -126,4 +126,3 @@ pub fn assert_no_token_in_logs(proxy: &Proxy) {
         );
     }
 }
-
