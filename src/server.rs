@@ -3,6 +3,7 @@
 //! flight finish within `server.shutdown_grace`.
 
 mod conn;
+mod write_timeout;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,7 +22,8 @@ use tokio::sync::watch;
 use crate::admin;
 use crate::app::{App, BuildError};
 use crate::config::{Config, ServerSettings};
-use conn::{Activity, Counted, WriteTimeout};
+use conn::Activity;
+use write_timeout::WriteTimeout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -131,14 +133,16 @@ impl Server {
                 // or idle; a box is 8 bytes there instead of the 3.4 KiB request state machine.
                 Box::pin(async move {
                     let response = app.proxy.handle(request).await;
-                    Ok::<_, Infallible>(response.map(|inner| Counted { inner, _open: open }))
+                    Ok::<_, Infallible>(response.map(|body| conn::respond(body, open)))
                 })
             });
             let connection = builder.serve_connection(io, service).into_owned();
             let shutdown = shutdown_rx.clone();
             tokio::spawn(async move {
                 let graceful = |c: std::pin::Pin<&mut _>| auto::Connection::graceful_shutdown(c);
-                match conn::drive(connection, graceful, activity, idle, shutdown).await {
+                let drive =
+                    conn::drive(connection, graceful, activity, idle, write_limit, shutdown);
+                match drive.await {
                     Some(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "client connection ended with an error");
                     }

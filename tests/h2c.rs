@@ -31,6 +31,10 @@ impl World {
     }
 
     fn start(&self, server_extra: &str) -> Proxy {
+        self.start_with(server_extra, "")
+    }
+
+    fn start_with(&self, server_extra: &str, upstream_extra: &str) -> Proxy {
         let config = format!(
             r#"
 [server]
@@ -41,6 +45,7 @@ admin_listen = "127.0.0.1:0"
 [upstream]
 extra_ca_file = "ca.pem"
 allow_networks = ["127.0.0.0/8"]
+{upstream_extra}
 
 [upstream.resolve]
 "{CRM}:443" = "{crm}"
@@ -227,4 +232,59 @@ async fn h2c_connections_get_a_stream_cap_and_are_closed_when_idle() {
             "an idle h2c connection ({requests} requests) stayed open"
         );
     }
+}
+
+#[tokio::test]
+async fn an_h2c_stream_the_caller_stops_reading_is_cut_off_while_its_connection_serves_on() {
+    let world = World::new().await;
+    let proxy = world.start_with("max_concurrent_requests = 1", "request_timeout = \"1s\"");
+    let uri = |path: &str| format!("http://{}{path}", proxy.addr);
+    // A connection window far larger than a stream's, as browsers have: one stream left
+    // unread does not shut the others out.
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, connection) = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        .initial_connection_window_size(16 << 20)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // 1 GiB on one stream whose window the caller never opens: hyper stops asking for the
+    // body, and no socket blocks, since the connection is otherwise read.
+    let request = Request::get(uri("/download/1073741824"))
+        .header("x-connector-name", "crm")
+        .body(())
+        .unwrap();
+    let mut ready = send.clone().ready().await.unwrap();
+    let (response, _) = ready.send_request(request, true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .unwrap_or_else(|_| panic!("no response head:\n{}", proxy.log_text()))
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let _unread = response.into_body();
+
+    let open = world.crm.open_downloads.clone();
+    let cut = async {
+        while open.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(15), cut)
+            .await
+            .is_ok(),
+        "the unread stream's upstream download is still open"
+    );
+    // Its permit is free again (the limit is 1), and the same connection serves on.
+    let next = tokio::time::timeout(
+        Duration::from_secs(10),
+        h2_get(&mut send, &uri("/v1/x"), &[("x-connector-name", "crm")]),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no answer on the same connection:\n{}", proxy.log_text()));
+    assert_eq!(next.status, 200, "{:?}", next.body);
+    let samples = common::metrics::fetch(proxy.admin).await;
+    let inflight = common::metrics::metric(&samples, "connector_proxy_inflight_requests", &[]);
+    assert_eq!(inflight, Some(0.0));
 }
