@@ -300,7 +300,7 @@ EOF
         grep -E 'Non-2xx|Socket errors' "$f" || true
     done
     awk -v t="$tokens" -v e="$soak_elapsed" 'BEGIN {
-        printf "token requests: %d in %.1f s (one per refresh, every ~1.6 s: ~%.0f)\n", t, e, e / 1.6 }'
+        printf "token requests: %d in %.1f s (one per refresh; a 2 s token counts as 1 s, the second servers truncate taken off, refreshed at 80%%: every ~0.8 s, ~%.0f)\n", t, e, e / 0.8 }'
     echo "RSS KiB every 5 s: $(awk '{printf "%s ", $2}' "$work/rss.txt")"
     echo "answers other than 200, by the proxy's metrics:"
     curl -s "http://127.0.0.1:$CPA/metrics" | grep '^connector_proxy_requests_total' | grep -v 'code="200"' || echo "  none"

@@ -136,7 +136,7 @@ impl Server {
                     Ok::<_, Infallible>(response.map(|body| conn::respond(body, open)))
                 })
             });
-            let connection = builder.serve_connection(io, service).into_owned();
+            let connection = Box::pin(builder.serve_connection(io, service).into_owned());
             let shutdown = shutdown_rx.clone();
             tokio::spawn(async move {
                 let graceful = |c: std::pin::Pin<&mut _>| auto::Connection::graceful_shutdown(c);
