@@ -38,14 +38,14 @@ async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
 }
 
 /// Writes a POST head announcing `length` bytes and the first `sent` of them, then holds the
-/// connection open (the write half is returned), reading the answer's status (0 if none comes
-/// within `ENDS_WITHIN`).
+/// connection open (the write half is returned), reading the answer's head (status 0 if none
+/// comes within `ENDS_WITHIN`).
 async fn stalled_post(
     addr: SocketAddr,
     connector: &str,
     length: usize,
     sent: usize,
-) -> (OwnedWriteHalf, tokio::task::JoinHandle<u16>) {
+) -> (OwnedWriteHalf, tokio::task::JoinHandle<common::RawAnswer>) {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (mut reader, mut writer) = tcp.into_split();
     let head = format!(
@@ -65,7 +65,7 @@ async fn stalled_post(
             }
         };
         let _ = tokio::time::timeout(ENDS_WITHIN, read).await;
-        common::parse_raw(&buf).status
+        common::parse_raw(&buf)
     });
     (writer, answer)
 }
@@ -88,8 +88,9 @@ async fn a_kept_body_that_stalls_ends_in_upstream_timeout() {
     );
     // Within max_replay_body, so kept for a replay: 10 of 100 bytes, then nothing.
     let (_held, answer) = stalled_post(proxy.addr, "api", 100, 10).await;
-    assert_eq!(answer.await.unwrap(), 504);
-    assert!(proxy.log_text().contains("upstream_timeout"));
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status, 504, "{answer:?}");
+    assert_eq!(answer.header("x-proxy-error"), Some("upstream_timeout"));
     let admin = proxy.admin;
     assert!(eventually(async || inflight(admin).await == 0.0).await);
     assert_eq!(world.crm.seen().len(), 0, "a partial body went upstream");
@@ -136,7 +137,9 @@ async fn kept_bodies_share_replay_memory_and_others_are_served_meanwhile() {
     .await;
     assert_eq!(small.status, 200);
     for (_stream, answer) in held {
-        assert_eq!(answer.await.unwrap(), 504);
+        let answer = answer.await.unwrap();
+        assert_eq!(answer.status, 504, "{answer:?}");
+        assert_eq!(answer.header("x-proxy-error"), Some("upstream_timeout"));
     }
     let admin = proxy.admin;
     assert!(eventually(async || inflight(admin).await == 0.0).await);
