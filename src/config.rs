@@ -27,7 +27,30 @@ pub struct Config {
     pub server: ServerSettings,
     pub upstream: UpstreamSettings,
     pub oauth: OAuthSettings,
+    /// `[cluster]`, when replicas share their tokens through Redis.
+    pub cluster: Option<ClusterSettings>,
     pub orgs: BTreeMap<String, OrgConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    /// `redis://` or `rediss://`, with credentials where Redis wants them: a secret.
+    pub redis_url: Secret,
+    pub key_prefix: String,
+    /// The AES-256-GCM key sealing shared tokens: 32 bytes.
+    pub encryption_key: EncryptionKey,
+    pub lock_ttl: Duration,
+    pub redis_timeout: Duration,
+}
+
+/// 32 bytes that never reach a log or `Debug`.
+#[derive(Clone, PartialEq)]
+pub struct EncryptionKey(pub [u8; 32]);
+
+impl fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EncryptionKey([redacted])")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

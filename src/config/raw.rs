@@ -39,7 +39,31 @@ pub struct RawConfig {
     pub server: RawServer,
     pub upstream: RawUpstream,
     pub oauth: RawOAuth,
+    pub cluster: Option<Spanned<RawCluster>>,
     pub orgs: BTreeMap<String, Spanned<RawOrg>>,
+}
+
+/// `[cluster]`: tokens shared by replicas through Redis.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct RawCluster {
+    pub redis_url: Option<Spanned<SecretSource>>,
+    pub key_prefix: Spanned<String>,
+    pub encryption_key: Option<Spanned<SecretSource>>,
+    pub lock_ttl: HumanDuration,
+    pub redis_timeout: HumanDuration,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            key_prefix: Spanned::new(0..0, "connector-proxy".into()),
+            encryption_key: None,
+            lock_ttl: HumanDuration(Duration::from_secs(10)),
+            redis_timeout: HumanDuration(Duration::from_millis(250)),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,7 +12,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use toml::Spanned;
 
 use super::raw::{
-    AuthKind, ClientAuthKind, GrantKind, RawConfig, RawConnector, RawOrg, RawServer, RawUpstream,
+    AuthKind, ClientAuthKind, GrantKind, RawCluster, RawConfig, RawConnector, RawOrg, RawServer,
+    RawUpstream,
 };
 use super::*;
 use crate::secret::SecretSource;
@@ -54,6 +55,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
         token_timeout: raw.oauth.token_timeout.0,
         min_token_age: raw.oauth.min_token_age.0,
     };
+    let cluster = raw.cluster.as_ref().and_then(|c| v.cluster(c));
     let mut orgs = BTreeMap::new();
     for (name, org) in &raw.orgs {
         if let Some(org) = v.org(name, org, &raw.server) {
@@ -69,6 +71,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
             server,
             upstream,
             oauth,
+            cluster,
             orgs,
         }),
         _ => Err(v.problems),
@@ -158,7 +161,7 @@ impl Validator<'_> {
         let place = parents.iter().map(|p| key(p)).collect::<Vec<_>>().join(".");
         let parents: Vec<&str> = parents.iter().map(String::as_str).collect();
         let known: &[&str] = match parents.as_slice() {
-            [] => &["server", "upstream", "oauth", "orgs"],
+            [] => &["server", "upstream", "oauth", "cluster", "orgs"],
             ["server"] => &[
                 "listen",
                 "admin_listen",
@@ -184,6 +187,13 @@ impl Validator<'_> {
                 "default_expires_in",
                 "token_timeout",
                 "min_token_age",
+            ],
+            ["cluster"] => &[
+                "redis_url",
+                "key_prefix",
+                "encryption_key",
+                "lock_ttl",
+                "redis_timeout",
             ],
             ["orgs", _] => &["inbound_token", "connectors"],
             ["orgs", _, "connectors", ..] => raw::CONNECTOR_KEYS,
@@ -343,6 +353,76 @@ impl Validator<'_> {
             allow_networks,
             resolve,
         }
+    }
+
+    fn cluster(&mut self, raw: &Spanned<RawCluster>) -> Option<ClusterSettings> {
+        let place = "cluster";
+        let span = Some(raw.span());
+        let raw = raw.get_ref();
+        let redis_url = match &raw.redis_url {
+            None => {
+                self.problem(span.clone(), place, "redis_url is required with [cluster]: write redis_url = { env = \"CONNECTOR_PROXY_REDIS_URL\" } holding redis://host:6379/0 (or rediss:// for TLS)");
+                None
+            }
+            Some(url) => self.secret(url, place, "redis_url").filter(|secret| {
+                let ok = ["redis://", "rediss://"]
+                    .iter()
+                    .any(|s| secret.expose().starts_with(s));
+                if !ok {
+                    // The URL may carry a password: name the scheme rule, never the value.
+                    self.problem(
+                        Some(url.span()),
+                        place,
+                        "redis_url must start with redis:// or rediss:// (TLS)",
+                    );
+                }
+                ok
+            }),
+        };
+        let encryption_key = match &raw.encryption_key {
+            None => {
+                self.problem(span.clone(), place, "encryption_key is required with [cluster]: tokens are sealed before they reach Redis; make one with `openssl rand -base64 32` and write encryption_key = { env = \"CONNECTOR_PROXY_TOKEN_KEY\" }");
+                None
+            }
+            Some(source) => self.secret(source, place, "encryption_key").and_then(|secret| {
+                use base64::Engine as _;
+                let decoded = base64::engine::general_purpose::STANDARD.decode(secret.expose().trim());
+                match decoded.ok().and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()) {
+                    Some(bytes) => Some(EncryptionKey(bytes)),
+                    None => {
+                        self.problem(Some(source.span()), place, "encryption_key must be 32 bytes in base64 (44 characters); make one with `openssl rand -base64 32`");
+                        None
+                    }
+                }
+            }),
+        };
+        for (name, value) in [
+            ("lock_ttl", raw.lock_ttl.0),
+            ("redis_timeout", raw.redis_timeout.0),
+        ] {
+            if value.is_zero() {
+                self.problem(
+                    span.clone(),
+                    place,
+                    format!("{name} must be more than zero"),
+                );
+            }
+        }
+        let key_prefix = raw.key_prefix.get_ref();
+        if key_prefix.is_empty() {
+            self.problem(
+                Some(raw.key_prefix.span()),
+                place,
+                "key_prefix must not be empty; the default is \"connector-proxy\"",
+            );
+        }
+        Some(ClusterSettings {
+            redis_url: redis_url?,
+            key_prefix: key_prefix.clone(),
+            encryption_key: encryption_key?,
+            lock_ttl: raw.lock_ttl.0,
+            redis_timeout: raw.redis_timeout.0,
+        })
     }
 
     fn secret(
