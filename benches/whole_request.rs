@@ -102,7 +102,7 @@ client_secret = "bench-secret"
         let tls = forward::tls_config(&config.upstream, None).unwrap();
         let upstream_client = Upstream::new(&config.upstream, tls);
         let metrics = Arc::new(Metrics::new());
-        let registry = Registry::new(&config, &upstream_client, &metrics, None).unwrap();
+        let registry = Registry::new(&config, &upstream_client, &metrics, None, None).unwrap();
         (upstream, token, proxy, dir, registry)
     });
     use rustls_pki_types::pem::PemObject;

@@ -95,12 +95,22 @@ fn status(app: &App) -> Value {
             })
         })
         .collect();
-    json!({
+    let mut out = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "config": app.config_path,
         "loaded_at": unix(app.loaded_at()),
         "orgs": orgs,
-    })
+    });
+    if let Some(cluster) = &app.cluster {
+        let health = cluster.health();
+        out["cluster"] = json!({
+            "state": if health.up { "up" } else { "down" },
+            "since": unix(health.since),
+            "last_error": health.last_error,
+            "replica": cluster.replica(),
+        });
+    }
+    out
 }
 
 fn connector_status(c: &Connector) -> Value {

@@ -14,6 +14,7 @@ use http::header::AUTHORIZATION;
 use http::{Method, Request};
 use http_body_util::{Either, Full};
 
+use crate::cluster::Cluster;
 use crate::config::{Config, OAuthSettings, ServerSettings, UpstreamSettings};
 use crate::credentials::Credentials;
 use crate::forward::{self, Upstream};
@@ -27,6 +28,8 @@ pub enum BuildError {
     Tls(#[from] rustls::Error),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("cluster.redis_url is not a Redis URL the client takes: {0}")]
+    Cluster(String),
 }
 
 pub struct App {
@@ -35,6 +38,9 @@ pub struct App {
     pub config_path: PathBuf,
     /// Set once the listeners are up.
     pub ready: AtomicBool,
+    /// With `[cluster]`: the Redis the replicas share tokens through (for the process's life;
+    /// a reload that changes `[cluster]` takes effect at the next start).
+    pub cluster: Option<Arc<Cluster>>,
     loaded: Mutex<Loaded>,
     reloading: tokio::sync::Mutex<()>,
 }
@@ -50,12 +56,21 @@ struct Loaded {
 impl App {
     pub fn new(config: &Config) -> Result<Arc<Self>, BuildError> {
         let metrics = Arc::new(Metrics::new());
-        let routes = build_routes(config, None, &metrics)?;
+        let cluster = match &config.cluster {
+            Some(settings) => Some(
+                Cluster::start(settings, metrics.clone())
+                    // The URL may hold a password: the error kind only.
+                    .map_err(|e| BuildError::Cluster(format!("{:?}", e.kind())))?,
+            ),
+            None => None,
+        };
+        let routes = build_routes(config, None, &metrics, cluster.as_ref())?;
         let app = Arc::new(Self {
             proxy: Proxy::new(config, routes, metrics.clone()),
             metrics,
             config_path: config.path.clone(),
             ready: AtomicBool::new(false),
+            cluster,
             loaded: Mutex::new(Loaded::of(config)),
             reloading: tokio::sync::Mutex::new(()),
         });
@@ -118,8 +133,8 @@ impl App {
             );
         }
         let previous = reuse.then_some(&*current);
-        let routes =
-            build_routes(&config, previous, &self.metrics).map_err(|e| vec![e.to_string()])?;
+        let routes = build_routes(&config, previous, &self.metrics, self.cluster.as_ref())
+            .map_err(|e| vec![e.to_string()])?;
         self.proxy.swap(routes);
         *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = Loaded::of(&config);
         self.validate_connectors();
@@ -235,6 +250,7 @@ fn build_routes(
     config: &Config,
     previous: Option<&Routes>,
     metrics: &Arc<Metrics>,
+    cluster: Option<&Arc<Cluster>>,
 ) -> Result<Routes, BuildError> {
     let upstream = match previous {
         Some(routes) => routes.upstream.clone(),
@@ -243,7 +259,8 @@ fn build_routes(
             forward::tls_config(&config.upstream, None)?,
         ),
     };
-    let registry = Registry::new(config, &upstream, metrics, previous.map(|r| &r.registry))?;
+    let previous = previous.map(|r| &r.registry);
+    let registry = Registry::new(config, &upstream, metrics, previous, cluster)?;
     Ok(Routes::new(registry, upstream, config))
 }
 

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod error;

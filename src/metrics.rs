@@ -69,6 +69,14 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterOpLabels {
+    /// `get`, `set`, `lock`, `renew`, `unlock`, `delete`.
+    pub op: &'static str,
+    /// `success` or `error` (a timeout included).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub outcome: &'static str,
 }
@@ -89,6 +97,8 @@ pub struct Metrics {
     pub token_expiry: Family<ConnectorLabels, Gauge<f64, AtomicU64>>,
     pub validation_ok: Family<ConnectorLabels, Gauge>,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    pub cluster_up: Gauge,
+    pub cluster_operations: Family<ClusterOpLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -158,6 +168,18 @@ impl Metrics {
             "Configuration reloads, by outcome",
             config_reloads.clone(),
         );
+        let cluster_up = Gauge::default();
+        registry.register(
+            "cluster_up",
+            "1 while Redis answers ([cluster]), else 0: the replica serves alone",
+            cluster_up.clone(),
+        );
+        let cluster_operations = Family::<ClusterOpLabels, Counter>::default();
+        registry.register(
+            "cluster_operations",
+            "Redis calls of the token sharing, by operation and outcome",
+            cluster_operations.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -176,6 +198,8 @@ impl Metrics {
             token_expiry,
             validation_ok,
             config_reloads,
+            cluster_up,
+            cluster_operations,
         }
     }
 

@@ -4,10 +4,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::config::{AuthConfig, ClientAuth, Config, ConnectorConfig};
-use crate::credentials::oauth::TokenSource;
+use crate::cluster::Cluster;
+use crate::config::{AuthConfig, ClientAuth, Config, ConnectorConfig, Grant, OAuthClient};
 use crate::credentials::oauth::assertion::{AssertionError, AssertionSigner};
 use crate::credentials::oauth::token_client::TokenEndpoint;
+use crate::credentials::oauth::{Shared, TokenSource};
 use crate::credentials::{Credentials, basic_header};
 use crate::forward::{self, Upstream};
 use crate::metrics::{ConnectorLabels, Metrics, connector_labels};
@@ -100,6 +101,7 @@ impl Registry {
         upstream: &Upstream,
         metrics: &Arc<Metrics>,
         previous: Option<&Registry>,
+        cluster: Option<&Arc<Cluster>>,
     ) -> Result<Self, RegistryError> {
         let mut orgs = HashMap::new();
         for org in config.orgs.values() {
@@ -116,7 +118,9 @@ impl Registry {
                         Arc::new(Connector {
                             org: c.org.clone(),
                             name: c.name.clone(),
-                            credentials: credentials(c, &labels, config, upstream, metrics)?,
+                            credentials: credentials(
+                                c, &labels, config, upstream, metrics, cluster,
+                            )?,
                             labels,
                             resource_domain: c.resource_domain.clone(),
                             config: c.clone(),
@@ -188,6 +192,7 @@ fn credentials(
     config: &Config,
     upstream: &Upstream,
     metrics: &Arc<Metrics>,
+    cluster: Option<&Arc<Cluster>>,
 ) -> Result<Credentials, RegistryError> {
     let client = match &c.auth {
         AuthConfig::Basic { username, password } => {
@@ -227,10 +232,37 @@ fn credentials(
         signer,
         config.oauth.token_timeout,
     );
+    let shared = cluster.map(|cluster| Shared {
+        name: cluster.entry_name(&token_identity(c, client)),
+        cluster: cluster.clone(),
+    });
     Ok(Credentials::OAuth(TokenSource::new(
         labels.clone(),
         endpoint,
         config.oauth.clone(),
         metrics.clone(),
+        shared,
     )))
+}
+
+/// Everything that decides a connector's token: a change to any of it starts a new shared entry.
+fn token_identity(c: &ConnectorConfig, client: &OAuthClient) -> Vec<String> {
+    let username = match &client.grant {
+        Grant::Password { username, .. } => username.clone(),
+        Grant::ClientCredentials => String::new(),
+    };
+    let mut identity = vec![
+        c.org.clone(),
+        c.name.clone(),
+        client.token_url.to_string(),
+        format!("{:?}", client.grant_kind()),
+        format!("{:?}", client.client_auth.kind()),
+        client.client_id.clone(),
+        client.scope.clone().unwrap_or_default(),
+        username,
+    ];
+    for (key, value) in &client.extra_params {
+        identity.push(format!("{key}={value}"));
+    }
+    identity
 }

@@ -116,6 +116,7 @@ password = "pw-5ecret-4"
         &upstream,
         &std::sync::Arc::new(connector_proxy::metrics::Metrics::new()),
         None,
+        None,
     )
     .unwrap();
     let shown = format!("{config:?}\n{config:#?}\n{registry:?}");

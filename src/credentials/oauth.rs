@@ -35,6 +35,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::CredentialError;
+use crate::cluster::{Cluster, Entry, Lock};
 use crate::config::OAuthSettings;
 use crate::metrics::{CacheLabels, ConnectorLabels, Metrics, OutcomeLabels};
 use crate::secret::Secret;
@@ -49,6 +50,14 @@ pub struct TokenSource {
     endpoint: TokenEndpoint,
     settings: OAuthSettings,
     state: Mutex<State>,
+    /// With `[cluster]`: the entry this connector's token is shared under.
+    shared: Option<Shared>,
+}
+
+/// Where a connector's token is shared with the other replicas.
+pub struct Shared {
+    pub cluster: Arc<Cluster>,
+    pub name: String,
 }
 
 /// The fetch in flight, as its waiters see it: `None` until it has ended.
@@ -69,6 +78,10 @@ struct State {
     flight: Option<Flight>,
     /// The one refresh-ahead timer, for the current token.
     refresh_timer: Option<AbortHandle>,
+    /// The shared entry's sealed bytes for the current token, for a compare-and-delete.
+    sealed: Option<Vec<u8>>,
+    /// The last token an upstream's 401 renewed: never adopted again from the shared entry.
+    refused: Option<HeaderValue>,
 }
 
 struct Token {
@@ -123,6 +136,7 @@ impl TokenSource {
         endpoint: TokenEndpoint,
         settings: OAuthSettings,
         metrics: Arc<Metrics>,
+        shared: Option<Shared>,
     ) -> Arc<Self> {
         Arc::new(Self {
             labels,
@@ -130,6 +144,7 @@ impl TokenSource {
             endpoint,
             settings,
             state: Mutex::new(State::default()),
+            shared,
         })
     }
 
@@ -216,7 +231,14 @@ impl TokenSource {
             None => Rejection::Replaced,
             Some(t) if t.requested_at.elapsed() < self.settings.min_token_age => Rejection::Kept,
             Some(_) => {
-                state.token = None;
+                let token = state.token.take();
+                state.refused = token.map(|t| t.header);
+                if let (Some(shared), Some(sealed)) = (&self.shared, state.sealed.take()) {
+                    // The other replicas need not learn the same refusal: drop the shared
+                    // entry, if it still holds this token.
+                    let (cluster, name) = (shared.cluster.clone(), shared.name.clone());
+                    tokio::spawn(async move { cluster.delete_if(&name, &sealed).await });
+                }
                 Rejection::Renewed
             }
         };
@@ -257,8 +279,83 @@ impl TokenSource {
     /// configured grant. Records the outcome and ends the flight under one lock, so that a
     /// caller never finds neither a token, nor an error, nor a flight.
     async fn fetch(self: &Arc<Self>) -> Result<HeaderValue, CredentialError> {
+        if let Some(shared) = &self.shared
+            && let Some(result) = Box::pin(self.fetch_shared(shared)).await
+        {
+            return result;
+        }
+        self.fetch_alone(None).await.map(|(header, _)| header)
+    }
+
+    /// The cluster's way: adopt the shared entry when it holds a newer usable token; else take
+    /// the entry's lock, fetch (with the shared refresh token: only the lock holder presents
+    /// it) and share the result; while another replica holds the lock, wait for its token up
+    /// to `token_timeout`. `None`: Redis is down or the wait ran out, so fetch alone.
+    async fn fetch_shared(
+        self: &Arc<Self>,
+        shared: &Shared,
+    ) -> Option<Result<HeaderValue, CredentialError>> {
+        let deadline = Instant::now() + self.settings.token_timeout;
+        loop {
+            if let Some(header) = self.adopt(shared).await {
+                return Some(Ok(header));
+            }
+            match shared.cluster.lock(&shared.name).await {
+                Lock::Down => return None,
+                Lock::Held if Instant::now() >= deadline => return None,
+                Lock::Held => tokio::time::sleep(SHARED_POLL).await,
+                Lock::Acquired(lease) => {
+                    // Written between our read and our lock?
+                    if let Some(header) = self.adopt(shared).await {
+                        lease.release().await;
+                        return Some(Ok(header));
+                    }
+                    let refresh = shared
+                        .cluster
+                        .read(&shared.name)
+                        .await
+                        .and_then(|(entry, _)| entry.refresh_token);
+                    let result = self.fetch_alone(refresh).await;
+                    if let Ok((_, entry)) = &result {
+                        let sealed = shared.cluster.write(&shared.name, entry).await;
+                        self.state().sealed = sealed;
+                    }
+                    lease.release().await;
+                    return Some(result.map(|(header, _)| header));
+                }
+            }
+        }
+    }
+
+    /// Installs the shared entry's token when it is usable, is not the one this replica
+    /// holds already (a refresh wants a newer one) and was not refused here.
+    async fn adopt(self: &Arc<Self>, shared: &Shared) -> Option<HeaderValue> {
+        let (entry, sealed) = shared.cluster.read(&shared.name).await?;
+        let header = bearer(&entry.access_token)?;
+        let now_ms = crate::cluster::unix_ms(SystemTime::now());
+        let left = Duration::from_millis(entry.expires_at_ms.saturating_sub(now_ms));
+        let lifetime = Duration::from_millis(entry.lifetime_ms);
+        {
+            let state = self.state();
+            let held = state.token.as_ref().is_some_and(|t| t.header == header);
+            if held || state.refused.as_ref() == Some(&header) || left <= send_guard(lifetime) {
+                return None;
+            }
+        }
+        let expires = Instant::now() + left;
+        self.count_cache("shared");
+        Some(self.install_token(header, entry.refresh_token, lifetime, expires, Some(sealed)))
+    }
+
+    /// One fetch from the token endpoint: the refresh token first where there is one (`refresh`,
+    /// the shared one, else this cell's), then the configured grant. Returns the header and
+    /// the entry to share.
+    async fn fetch_alone(
+        self: &Arc<Self>,
+        refresh: Option<Secret>,
+    ) -> Result<(HeaderValue, Entry), CredentialError> {
         let started = Instant::now();
-        let refresh_token = self.state().refresh_token.clone();
+        let refresh_token = refresh.or_else(|| self.state().refresh_token.clone());
         let mut result = match &refresh_token {
             Some(token) => self.request(GrantRequest::Refresh(token)).await,
             None => self.request(GrantRequest::Configured).await,
@@ -269,7 +366,7 @@ impl TokenSource {
             result = self.request(GrantRequest::Configured).await;
         }
         match result {
-            Ok(issued) => Ok(self.install(issued, started)),
+            Ok(issued) => Ok(self.install(issued, refresh_token, started)),
             Err(error) => {
                 let mut state = self.state();
                 state.flight = None;
@@ -300,35 +397,65 @@ impl TokenSource {
         result
     }
 
-    fn install(self: &Arc<Self>, issued: Issued, requested_at: Instant) -> HeaderValue {
+    /// Installs a token just issued; returns its header and the entry to share it under.
+    fn install(
+        self: &Arc<Self>,
+        issued: Issued,
+        presented: Option<Secret>,
+        requested_at: Instant,
+    ) -> (HeaderValue, Entry) {
         // Servers truncate `expires_in` to whole seconds: a 4 s token may lapse 3.01 s after it
         // was issued.
         let lifetime = issued
             .expires_in
             .unwrap_or(self.settings.default_expires_in)
             .saturating_sub(Duration::from_secs(1));
+        // Lifetimes count from when the request left, not when the answer came.
+        let expires = requested_at + lifetime;
+        let header = bearer(&issued.access_token)
+            .expect("token_client checked the token is a valid header value");
+        // A refresh token not rotated by the answer stays the one to present next time.
+        let refresh_token = issued.refresh_token.or(presented);
+        let left = expires.saturating_duration_since(Instant::now());
+        let entry = Entry {
+            access_token: issued.access_token,
+            refresh_token: refresh_token.clone(),
+            lifetime_ms: u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX),
+            expires_at_ms: crate::cluster::unix_ms(SystemTime::now() + left),
+            fetched_by: self
+                .shared
+                .as_ref()
+                .map_or_else(String::new, |s| s.cluster.replica().to_owned()),
+        };
+        let header = self.install_token(header, refresh_token, lifetime, expires, None);
+        (header, entry)
+    }
+
+    fn install_token(
+        self: &Arc<Self>,
+        header: HeaderValue,
+        refresh_token: Option<Secret>,
+        lifetime: Duration,
+        expires: Instant,
+        sealed: Option<Vec<u8>>,
+    ) -> HeaderValue {
         let margin = self
             .settings
             .refresh_before_expiry
             .min(lifetime.mul_f64(0.2));
-        let guard = Duration::from_secs(5).min(lifetime.mul_f64(0.1));
-        // Lifetimes count from when the request left, not when the answer came.
-        let expires = requested_at + lifetime;
-        let mut header = HeaderValue::try_from(format!("Bearer {}", issued.access_token.expose()))
-            .expect("token_client checked the token is a valid header value");
-        header.set_sensitive(true);
         let token = Token {
             header: header.clone(),
-            requested_at,
+            requested_at: expires.checked_sub(lifetime).unwrap_or_else(Instant::now),
             expires,
-            refresh_at: expires - margin,
-            send_until: expires - guard,
+            refresh_at: expires.checked_sub(margin).unwrap_or(expires),
+            send_until: expires.checked_sub(send_guard(lifetime)).unwrap_or(expires),
         };
         let refresh_at = token.refresh_at;
         let mut state = self.state();
         state.token = Some(token);
-        if issued.refresh_token.is_some() {
-            state.refresh_token = issued.refresh_token;
+        state.sealed = sealed;
+        if refresh_token.is_some() {
+            state.refresh_token = refresh_token;
         }
         state.used = false;
         state.failures = 0;
@@ -383,6 +510,21 @@ impl TokenSource {
         }
     }
 }
+
+/// How long before its expiry a token is no longer sent: `min(5s, 10% of its lifetime)`.
+fn send_guard(lifetime: Duration) -> Duration {
+    Duration::from_secs(5).min(lifetime.mul_f64(0.1))
+}
+
+/// `Bearer <token>`, marked sensitive so hyper's HPACK never indexes it.
+fn bearer(token: &Secret) -> Option<HeaderValue> {
+    let mut header = HeaderValue::try_from(format!("Bearer {}", token.expose())).ok()?;
+    header.set_sensitive(true);
+    Some(header)
+}
+
+/// How often a replica waiting for another's fetch looks at the shared entry.
+const SHARED_POLL: Duration = Duration::from_millis(50);
 
 /// The cached token, when it may still be sent; marks it used.
 fn usable(state: &mut State) -> Option<HeaderValue> {

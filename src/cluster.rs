@@ -1,0 +1,398 @@
+//! Several replicas sharing their OAuth tokens through Redis (or Valkey).
+//!
+//! Redis is consulted on a local miss only (a request with a usable local token never waits on
+//! it): read the connector's shared entry; where there is none, take its lock (SET NX PX with a
+//! random owner, renewed while the fetch runs, released by its owner alone in a Lua
+//! compare-and-delete), fetch, and write the sealed entry; replicas that find the lock held
+//! poll the entry until the holder's token appears, up to `oauth.token_timeout`. Any Redis call
+//! slower than `redis_timeout`, refused or failing counts as Redis down: the replica goes on
+//! alone with its local cell, shows it in `/status` and `connector_proxy_cluster_up`, logs it
+//! once, and rejoins on the next call that succeeds. A request never fails because of Redis.
+
+pub mod seal;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::config::ClusterSettings;
+use crate::metrics::{ClusterOpLabels, Metrics};
+pub use seal::Entry;
+use seal::Sealer;
+
+pub struct Cluster {
+    /// `None` while (re)connecting: calls then count as Redis down at once.
+    redis: ArcSwapOption<ConnectionManager>,
+    client: redis::Client,
+    /// A connect loop runs.
+    connecting: AtomicBool,
+    me: Weak<Self>,
+    sealer: Sealer,
+    prefix: String,
+    lock_ttl: Duration,
+    timeout: Duration,
+    /// This process, as entries name who fetched them.
+    replica: String,
+    health: Mutex<Health>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Health {
+    pub up: bool,
+    pub last_error: Option<String>,
+    pub since: SystemTime,
+}
+
+/// What taking a connector's lock gave.
+pub enum Lock {
+    /// Ours until released or lost.
+    Acquired(Lease),
+    /// Another replica is fetching.
+    Held,
+    /// Redis did not answer: go on alone.
+    Down,
+}
+
+/// A held lock, renewed in the background every third of `lock_ttl` while it is held.
+pub struct Lease {
+    cluster: Arc<Cluster>,
+    name: String,
+    owner: String,
+    renewal: tokio::task::AbortHandle,
+}
+
+/// Releases a lock only for its owner.
+const RELEASE: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+/// Extends a lock only for its owner.
+const RENEW: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+/// Deletes an entry only while it still holds the given sealed value.
+const DELETE_IF: &str = RELEASE;
+
+impl Cluster {
+    /// Starts connecting in the background: until Redis answers, the replica serves alone.
+    pub fn start(
+        settings: &ClusterSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, redis::RedisError> {
+        let client = redis::Client::open(settings.redis_url.expose())?;
+        let cluster = Arc::new_cyclic(|me| Self {
+            redis: ArcSwapOption::empty(),
+            client,
+            connecting: AtomicBool::new(false),
+            me: me.clone(),
+            sealer: Sealer::new(&settings.encryption_key),
+            prefix: settings.key_prefix.clone(),
+            lock_ttl: settings.lock_ttl,
+            timeout: settings.redis_timeout,
+            replica: random_hex(8),
+            health: Mutex::new(Health {
+                up: false,
+                last_error: Some("not connected yet".into()),
+                since: SystemTime::now(),
+            }),
+            metrics,
+        });
+        cluster.metrics.cluster_up.set(0);
+        cluster.reconnect();
+        Ok(cluster)
+    }
+
+    /// Drops the connection and connects anew in the background, with backoff, unless a
+    /// connect loop already runs. The connection manager's own reconnection is not relied on:
+    /// a connection that failed or went silent is replaced whole.
+    fn reconnect(&self) {
+        if self.connecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.redis.store(None);
+        let (me, client, timeout) = (self.me.clone(), self.client.clone(), self.timeout);
+        tokio::spawn(async move {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1);
+            let mut wait = Duration::from_millis(100);
+            loop {
+                let connected = ConnectionManager::new_with_config(client.clone(), config.clone());
+                let result = tokio::time::timeout(timeout * 4, connected).await;
+                let Some(cluster) = me.upgrade() else { return };
+                match result {
+                    Ok(Ok(manager)) => {
+                        cluster.redis.store(Some(Arc::new(manager)));
+                        cluster.connecting.store(false, Ordering::Release);
+                        cluster.mark(Ok(()));
+                        return;
+                    }
+                    Ok(Err(e)) => cluster.mark(Err(&e)),
+                    Err(_) => cluster.mark(Err(&"no answer while connecting")),
+                }
+                drop(cluster);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        });
+    }
+
+    pub fn health(&self) -> Health {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The entry name for a connector's token: `prefix:token:<digest of what decides it>`.
+    pub fn entry_name(&self, identity: &[String]) -> String {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in identity {
+            context.update(&(part.len() as u64).to_be_bytes());
+            context.update(part.as_bytes());
+        }
+        let digest = context.finish();
+        let hex: String = digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("{}:token:{hex}", self.prefix)
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// The shared entry and its sealed bytes (for a later compare-and-delete); `None` when
+    /// there is none, it does not open, or Redis is down.
+    pub async fn read(&self, name: &str) -> Option<(Entry, Vec<u8>)> {
+        let redis = self.connection()?;
+        let sealed: Vec<u8> = self
+            .call("get", async move {
+                let mut redis = redis;
+                redis::cmd("GET")
+                    .arg(name)
+                    .query_async::<Option<Vec<u8>>>(&mut redis)
+                    .await
+            })
+            .await??;
+        match self.sealer.open(name, &sealed) {
+            Ok(entry) => Some((entry, sealed)),
+            Err(e) => {
+                tracing::warn!(entry = name, error = %e, "a shared token entry does not open; treated as a miss");
+                None
+            }
+        }
+    }
+
+    /// Seals and stores `entry` until it lapses; returns what was stored.
+    pub async fn write(&self, name: &str, entry: &Entry) -> Option<Vec<u8>> {
+        let redis = self.connection()?;
+        let sealed = self.sealer.seal(name, entry);
+        let now = unix_ms(SystemTime::now());
+        let ttl = entry.expires_at_ms.saturating_sub(now).max(1);
+        let value = sealed.clone();
+        self.call("set", async move {
+            let mut redis = redis;
+            redis::cmd("SET")
+                .arg(name)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl)
+                .query_async::<()>(&mut redis)
+                .await
+        })
+        .await?;
+        Some(sealed)
+    }
+
+    /// Deletes the entry only while it still holds `sealed` (a 401 to that token).
+    pub async fn delete_if(&self, name: &str, sealed: &[u8]) {
+        let Some(redis) = self.connection() else {
+            return;
+        };
+        let _ = self
+            .call("delete", async move {
+                let mut redis = redis;
+                redis::Script::new(DELETE_IF)
+                    .key(name)
+                    .arg(sealed)
+                    .invoke_async::<i64>(&mut redis)
+                    .await
+            })
+            .await;
+    }
+
+    /// Takes the lock of entry `name`.
+    pub async fn lock(self: &Arc<Self>, name: &str) -> Lock {
+        let Some(redis) = self.connection() else {
+            return Lock::Down;
+        };
+        let lock = format!("{name}:lock");
+        let owner = random_hex(16);
+        let ttl = millis(self.lock_ttl);
+        let (key, value) = (lock.clone(), owner.clone());
+        let taken: Option<Option<String>> = self
+            .call("lock", async move {
+                let mut redis = redis;
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl)
+                    .query_async(&mut redis)
+                    .await
+            })
+            .await;
+        match taken {
+            None => Lock::Down,
+            Some(None) => Lock::Held,
+            Some(Some(_)) => {
+                let renewal =
+                    tokio::spawn(renew(Arc::downgrade(self), lock.clone(), owner.clone()));
+                Lock::Acquired(Lease {
+                    cluster: self.clone(),
+                    name: lock,
+                    owner,
+                    renewal: renewal.abort_handle(),
+                })
+            }
+        }
+    }
+
+    fn connection(&self) -> Option<ConnectionManager> {
+        self.redis.load().as_deref().cloned()
+    }
+
+    /// Runs one Redis call within `redis_timeout`, counting it and keeping the health.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {:?} (cluster.redis_timeout)",
+                self.timeout
+            )),
+        };
+        let outcome = if result.is_ok() { "success" } else { "error" };
+        self.metrics
+            .cluster_operations
+            .get_or_create(&ClusterOpLabels { op, outcome })
+            .inc();
+        match result {
+            Ok(value) => {
+                self.mark(Ok(()));
+                Some(value)
+            }
+            Err(e) => {
+                self.mark(Err(&e));
+                self.reconnect();
+                None
+            }
+        }
+    }
+
+    /// Records Redis's state; a change is logged once.
+    fn mark(&self, result: Result<(), &dyn std::fmt::Display>) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) if !health.up => {
+                tracing::info!("Redis answers: tokens are shared with the other replicas");
+                health.up = true;
+                health.since = SystemTime::now();
+                self.metrics.cluster_up.set(1);
+            }
+            Ok(()) => {}
+            Err(e) => {
+                let message = e.to_string();
+                if health.up {
+                    tracing::warn!(error = %message, "Redis is down: this replica serves alone until it answers again");
+                    health.up = false;
+                    health.since = SystemTime::now();
+                    self.metrics.cluster_up.set(0);
+                }
+                health.last_error = Some(message);
+            }
+        }
+    }
+}
+
+impl Lease {
+    /// Gives the lock back, only if it is still ours.
+    pub async fn release(self) {
+        self.renewal.abort();
+        let Some(redis) = self.cluster.connection() else {
+            return;
+        };
+        let (name, owner) = (self.name.clone(), self.owner.clone());
+        let _ = self
+            .cluster
+            .call("unlock", async move {
+                let mut redis = redis;
+                redis::Script::new(RELEASE)
+                    .key(name)
+                    .arg(owner)
+                    .invoke_async::<i64>(&mut redis)
+                    .await
+            })
+            .await;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
+async fn renew(cluster: std::sync::Weak<Cluster>, lock: String, owner: String) {
+    loop {
+        let Some(c) = cluster.upgrade() else { return };
+        let period = c.lock_ttl / 3;
+        drop(c);
+        tokio::time::sleep(period).await;
+        let Some(c) = cluster.upgrade() else { return };
+        let Some(redis) = c.connection() else {
+            continue;
+        };
+        let ttl = millis(c.lock_ttl);
+        let (key, value) = (lock.clone(), owner.clone());
+        let kept = c
+            .call("renew", async move {
+                let mut redis = redis;
+                redis::Script::new(RENEW)
+                    .key(key)
+                    .arg(value)
+                    .arg(ttl)
+                    .invoke_async::<i64>(&mut redis)
+                    .await
+            })
+            .await;
+        if kept == Some(0) {
+            return; // lost (expired while Redis was away): nothing left to renew
+        }
+    }
+}
+
+pub fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, millis)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    SystemRandom::new()
+        .fill(&mut buf)
+        .expect("the system random source works");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
