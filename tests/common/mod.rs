@@ -4,6 +4,7 @@
 
 pub mod metrics;
 pub mod oauth;
+pub mod redis;
 pub mod token;
 
 use std::convert::Infallible;

@@ -1,0 +1,184 @@
+//! Replicas sharing their OAuth tokens through a real `redis-server`: three proxy processes, a
+//! counting token endpoint, and Redis killed, restarted or replaced by a listener that never
+//! answers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::metrics::{self, metric};
+use common::oauth::{World, post_client};
+use common::redis::Redis;
+use common::{Proxy, get};
+
+/// 32 bytes of 0x01 and of 0x02, base64.
+const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+const OTHER_KEY: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+
+fn cluster(url: &str, key: &str) -> String {
+    format!(
+        "[cluster]\nredis_url = \"{url}\"\nencryption_key = \"{key}\"\nlock_ttl = \"2s\"\nredis_timeout = \"250ms\"\n\n"
+    )
+}
+
+fn replica(world: &World, redis_url: &str, key: &str, connectors: &str) -> Proxy {
+    // Any 401 renews the token: the tests use 401s to send replicas back to Redis.
+    let config = world.config(
+        "min_token_age = \"0s\"",
+        "",
+        "",
+        &format!("{}{connectors}", cluster(redis_url, key)),
+    );
+    world.start_config(&config, &[])
+}
+
+async fn cluster_up(proxy: &Proxy) -> Option<f64> {
+    let samples = metrics::fetch(proxy.admin).await;
+    metric(&samples, "connector_proxy_cluster_up", &[])
+}
+
+/// Polls `check` every 50 ms for up to 10 s.
+async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn three_replicas_make_one_token_request_and_redis_holds_nothing_readable() {
+    let redis = Redis::start();
+    let world = World::new().await;
+    // A slow endpoint, so that every cold request overlaps the one fetch.
+    world.token.state.lock().unwrap().delay = Duration::from_millis(300);
+    let connectors = post_client(&world, "shared");
+    let replicas: Vec<Proxy> = (0..3)
+        .map(|_| replica(&world, &redis.url(), KEY, &connectors))
+        .collect();
+    for proxy in &replicas {
+        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+    }
+    let mut calls = Vec::new();
+    for i in 0..300 {
+        let addr = replicas[i % 3].addr;
+        calls.push(tokio::spawn(async move {
+            get(addr, "/x", &[("x-connector-name", "shared")])
+                .await
+                .status
+        }));
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+    let arrived = world.token.state.lock().unwrap().arrived;
+    assert_eq!(
+        arrived, 1,
+        "token requests for 300 cold requests over 3 replicas"
+    );
+    let token = &world.token.issued_to("shared")[0];
+    let tokens = world.crm.seen();
+    assert!(
+        tokens
+            .iter()
+            .all(|s| s.headers["authorization"] == format!("Bearer {token}").as_str())
+    );
+
+    // What Redis holds: one sealed entry, in which the token does not appear.
+    let values = redis.values("connector-proxy:token:*");
+    assert_eq!(values.len(), 1, "{:?}", redis.keys("*"));
+    for value in &values {
+        let text = String::from_utf8_lossy(value);
+        assert!(
+            !text.contains(token.as_str()) && !text.contains("5ecret"),
+            "{text}"
+        );
+    }
+    let status = get(replicas[0].admin, "/status", &[]).await.json();
+    assert_eq!(status["cluster"]["state"], "up", "{status}");
+
+    // A replica with another encryption_key cannot open the entry: a miss, its own fetch.
+    let stranger = replica(&world, &redis.url(), OTHER_KEY, &connectors);
+    assert!(eventually(async || cluster_up(&stranger).await == Some(1.0)).await);
+    let answer = get(stranger.addr, "/x", &[("x-connector-name", "shared")]).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(world.token.state.lock().unwrap().arrived, 2);
+    assert!(
+        eventually(async || stranger.log_text().contains("does not open")).await,
+        "{}",
+        stranger.log_text()
+    );
+}
+
+#[tokio::test]
+async fn redis_failing_never_fails_a_request() {
+    let mut redis = Redis::start();
+    let world = World::new().await;
+    let connectors = post_client(&world, "steady");
+    let replicas: Vec<Proxy> = (0..2)
+        .map(|_| replica(&world, &redis.url(), KEY, &connectors))
+        .collect();
+    for proxy in &replicas {
+        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+        assert_eq!(
+            get(proxy.addr, "/x", &[("x-connector-name", "steady")])
+                .await
+                .status,
+            200
+        );
+    }
+    redis.kill();
+    // Tokens are dropped by 401s so that every replica needs Redis again, which is gone.
+    for round in 0..3 {
+        for proxy in &replicas {
+            let answer = get(proxy.addr, "/x", &[("x-connector-name", "steady")]).await;
+            assert_eq!(answer.status, 200, "round {round}: {answer:?}");
+        }
+        let issued = world.token.issued_to("steady");
+        let last = format!("Bearer {}", issued.last().unwrap());
+        world.crm.reject.lock().unwrap().insert(last);
+    }
+    for proxy in &replicas {
+        assert!(eventually(async || cluster_up(proxy).await == Some(0.0)).await);
+        let status = get(proxy.admin, "/status", &[]).await.json();
+        assert_eq!(status["cluster"]["state"], "down", "{status}");
+        assert!(status["cluster"]["last_error"].is_string());
+    }
+    redis.restart();
+    for proxy in &replicas {
+        // Rejoined on the next call that reaches Redis: a request that misses locally.
+        let issued = world.token.issued_to("steady");
+        let last = format!("Bearer {}", issued.last().unwrap());
+        world.crm.reject.lock().unwrap().insert(last);
+        let rejoined = eventually(async || {
+            get(proxy.addr, "/x", &[("x-connector-name", "steady")]).await;
+            cluster_up(proxy).await == Some(1.0)
+        })
+        .await;
+        assert!(rejoined, "{}", proxy.log_text());
+    }
+}
+
+#[tokio::test]
+async fn a_redis_that_never_answers_costs_misses_redis_timeout_and_fails_nothing() {
+    // Accepts connections and reads nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}/0", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            open.push(tcp);
+        }
+    });
+    let world = World::new().await;
+    let proxy = replica(&world, &url, KEY, &post_client(&world, "alone"));
+    for _ in 0..5 {
+        let answer = get(proxy.addr, "/x", &[("x-connector-name", "alone")]).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+    }
+    assert_eq!(world.token.issued_to("alone").len(), 1);
+    assert_eq!(cluster_up(&proxy).await, Some(0.0));
+    held.abort();
+}
