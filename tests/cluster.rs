@@ -182,3 +182,139 @@ async fn a_redis_that_never_answers_costs_misses_redis_timeout_and_fails_nothing
     assert_eq!(cluster_up(&proxy).await, Some(0.0));
     held.abort();
 }
+
+/// Calls every replica in turn for `run`, every 20 ms, each answer a 200.
+async fn traffic(replicas: &[Proxy], connector: &str, run: Duration) {
+    let until = std::time::Instant::now() + run;
+    let mut i = 0;
+    while std::time::Instant::now() < until {
+        let answer = get(
+            replicas[i % replicas.len()].addr,
+            "/x",
+            &[("x-connector-name", connector)],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn three_replicas_refresh_once_per_lifetime_in_all_and_never_send_a_lapsed_token() {
+    let redis = Redis::start();
+    let world = World::new().await;
+    // 3 s tokens from a server with whole-second `exp`: 2 s as the proxy counts them.
+    world.token.state.lock().unwrap().expires_in = Some(serde_json::json!(3));
+    let connectors = post_client(&world, "rolling");
+    let replicas: Vec<Proxy> = (0..3)
+        .map(|_| replica(&world, &redis.url(), KEY, &connectors))
+        .collect();
+    for proxy in &replicas {
+        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+    }
+    traffic(&replicas, "rolling", Duration::from_secs(20)).await;
+    // One per lifetime (a refresh at 80 % of 2 s: about 12.5 in 20 s) in all; three
+    // replicas alone would make three times that.
+    let arrived = world.token.state.lock().unwrap().arrived;
+    println!("{arrived} token requests in 20 s of 3 s tokens over 3 replicas");
+    assert!(
+        (10..=19).contains(&arrived),
+        "{arrived} token requests in 20 s of 3 s tokens over 3 replicas"
+    );
+    let lapses = world.token.state.lock().unwrap().lapses.clone();
+    for request in world.crm.seen() {
+        let token = request.headers["authorization"].to_str().unwrap();
+        let lapse = lapses[token.strip_prefix("Bearer ").unwrap()];
+        assert!(
+            request.at < lapse,
+            "{token} sent {:?} after it lapsed",
+            request.at - lapse
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_rotating_refresh_token_is_presented_once_across_replicas() {
+    use common::token::Method;
+    let redis = Redis::start();
+    let world = World::new().await;
+    world
+        .token
+        .register("pw", Method::SecretBasic("pw-secret".into()));
+    {
+        let mut state = world.token.state.lock().unwrap();
+        state.users.insert("svc-account".into(), "user-pa55".into());
+        state.expires_in = Some(serde_json::json!(3));
+    }
+    let connectors = common::oauth::connector(
+        "pw",
+        "pw",
+        "client_secret = \"pw-secret\"\nusername = \"svc-account\"\npassword = \"user-pa55\"",
+    )
+    .replace("grant = \"client_credentials\"", "grant = \"password\"");
+    let replicas: Vec<Proxy> = (0..3)
+        .map(|_| replica(&world, &redis.url(), KEY, &connectors))
+        .collect();
+    for proxy in &replicas {
+        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+    }
+    traffic(&replicas, "pw", Duration::from_secs(8)).await;
+    let log = world.token.log();
+    // Each refresh token is accepted once (the endpoint forgets it when used): a second
+    // presentation would be refused invalid_grant, and the password sent again.
+    let refused: Vec<_> = log.iter().filter_map(|l| l.refused.clone()).collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    let passwords = log.iter().filter(|l| l.grant_type == "password").count();
+    let refreshes = log
+        .iter()
+        .filter(|l| l.grant_type == "refresh_token")
+        .count();
+    println!("{passwords} password grant, {refreshes} refresh grants in 8 s over 3 replicas");
+    assert_eq!(passwords, 1, "the password went more than once");
+    assert!(refreshes >= 2, "{refreshes} refreshes in 8 s of 3 s tokens");
+    for proxy in &replicas {
+        assert!(!proxy.log_text().contains("user-pa55") && !proxy.log_text().contains("rt-5ecret"));
+    }
+}
+
+#[tokio::test]
+async fn a_lock_holder_killed_mid_fetch_is_taken_over_after_its_lease() {
+    let redis = Redis::start();
+    let world = World::new().await;
+    // Every token request takes 3 s.
+    world.token.state.lock().unwrap().delay = Duration::from_secs(3);
+    let connectors = post_client(&world, "orphan");
+    // token_timeout far above lock_ttl (2 s): the takeover is the lease running out.
+    let config = |_: ()| {
+        world
+            .config(
+                "min_token_age = \"0s\"",
+                "",
+                "",
+                &format!("{}{connectors}", cluster(&redis.url(), KEY)),
+            )
+            .replace("token_timeout = \"1s\"", "token_timeout = \"20s\"")
+    };
+    let holder = world.start_config(&config(()), &[]);
+    let other = world.start_config(&config(()), &[]);
+    for proxy in [&holder, &other] {
+        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+    }
+    let addr = holder.addr;
+    let first =
+        tokio::spawn(async move { get(addr, "/x", &[("x-connector-name", "orphan")]).await });
+    assert!(eventually(async || !redis.keys("connector-proxy:token:*:lock").is_empty()).await);
+    drop(holder); // SIGKILL while its fetch stalls at the endpoint
+    let _ = first.await;
+    // Served after the lease (2 s) runs out and its own fetch (3 s), well before its 20 s
+    // token_timeout would have let it fetch alone.
+    let answer = tokio::time::timeout(
+        Duration::from_secs(15),
+        get(other.addr, "/x", &[("x-connector-name", "orphan")]),
+    )
+    .await
+    .expect("the other replica's caller was served");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(world.token.state.lock().unwrap().arrived, 2);
+}
