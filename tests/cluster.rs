@@ -129,7 +129,21 @@ async fn redis_failing_never_fails_a_request() {
             200
         );
     }
+    // Traffic to both replicas goes on while Redis is killed under it.
+    let addrs: Vec<_> = replicas.iter().map(|p| p.addr).collect();
+    let background = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        for i in 0..150 {
+            let answer = get(addrs[i % 2], "/x", &[("x-connector-name", "steady")]).await;
+            statuses.push(answer.status);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        statuses
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     redis.kill();
+    let statuses = background.await.unwrap();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     // Tokens are dropped by 401s so that every replica needs Redis again, which is gone.
     for round in 0..3 {
         for proxy in &replicas {
