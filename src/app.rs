@@ -58,7 +58,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let cluster = match &config.cluster {
             Some(settings) => Some(
-                Cluster::start(settings, metrics.clone())
+                Cluster::start(settings, &config.upstream.extra_roots, metrics.clone())
                     // The URL may hold a password: the error kind only.
                     .map_err(|e| BuildError::Cluster(format!("{:?}", e.kind())))?,
             ),

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ring::rand::{SecureRandom, SystemRandom};
+use rustls_pki_types::CertificateDer;
 
 use crate::config::ClusterSettings;
 use crate::metrics::{ClusterOpLabels, Metrics};
@@ -76,11 +77,24 @@ const DELETE_IF: &str = RELEASE;
 
 impl Cluster {
     /// Starts connecting in the background: until Redis answers, the replica serves alone.
+    /// `rediss://` is verified against `extra_roots` (`upstream.extra_ca_file`) where there are
+    /// any, as a private Redis's CA usually is; else against the system's trust store.
     pub fn start(
         settings: &ClusterSettings,
+        extra_roots: &[CertificateDer<'static>],
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, redis::RedisError> {
-        let client = redis::Client::open(settings.redis_url.expose())?;
+        let url = settings.redis_url.expose();
+        let client = if url.starts_with("rediss://") && !extra_roots.is_empty() {
+            let root_cert = Some(pem(extra_roots).into_bytes());
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert,
+            };
+            redis::Client::build_with_tls(url, certificates)?
+        } else {
+            redis::Client::open(url)?
+        };
         let cluster = Arc::new_cyclic(|me| Self {
             redis: ArcSwapOption::empty(),
             client,
@@ -379,6 +393,22 @@ async fn renew(cluster: std::sync::Weak<Cluster>, lock: String, owner: String) {
             return; // lost (expired while Redis was away): nothing left to renew
         }
     }
+}
+
+/// Certificates as PEM, as the Redis client takes its trust anchors.
+fn pem(certs: &[CertificateDer<'static>]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for cert in certs {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in encoded.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
 }
 
 pub fn unix_ms(at: SystemTime) -> u64 {

@@ -179,7 +179,11 @@ async fn redis_failing_never_fails_a_request() {
 async fn a_redis_that_never_answers_costs_misses_redis_timeout_and_fails_nothing() {
     // Accepts connections and reads nothing.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("redis://{}/0", silent.local_addr().unwrap());
+    // With credentials in the URL: they must show nowhere.
+    let url = format!(
+        "redis://flow:s3cret-pass@{}/0",
+        silent.local_addr().unwrap()
+    );
     let held = tokio::spawn(async move {
         let mut open = Vec::new();
         while let Ok((tcp, _)) = silent.accept().await {
@@ -194,6 +198,16 @@ async fn a_redis_that_never_answers_costs_misses_redis_timeout_and_fails_nothing
     }
     assert_eq!(world.token.issued_to("alone").len(), 1);
     assert_eq!(cluster_up(&proxy).await, Some(0.0));
+    let status = get(proxy.admin, "/status", &[]).await;
+    assert_eq!(status.json()["cluster"]["state"], "down");
+    let metrics = get(proxy.admin, "/metrics", &[]).await;
+    for text in [
+        proxy.log_text(),
+        String::from_utf8_lossy(&status.body).into_owned(),
+        String::from_utf8_lossy(&metrics.body).into_owned(),
+    ] {
+        assert!(!text.contains("s3cret-pass"), "{text}");
+    }
     held.abort();
 }
 
@@ -331,4 +345,37 @@ async fn a_lock_holder_killed_mid_fetch_is_taken_over_after_its_lease() {
     .expect("the other replica's caller was served");
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(world.token.state.lock().unwrap().arrived, 2);
+}
+
+#[tokio::test]
+async fn rediss_is_verified_against_extra_ca_file_and_shares_tokens() {
+    let world = World::new().await;
+    let leaf = world.pki.leaf(&["127.0.0.1"]);
+    let redis = Redis::start_tls(&leaf.cert_pem, &leaf.key_pem);
+    let connectors = post_client(&world, "tls");
+    // ca.pem (upstream.extra_ca_file) is the CA that signed Redis's certificate.
+    let replicas: Vec<Proxy> = (0..2)
+        .map(|_| replica(&world, &redis.tls_url(), KEY, &connectors))
+        .collect();
+    for proxy in &replicas {
+        assert!(
+            eventually(async || cluster_up(proxy).await == Some(1.0)).await,
+            "{}",
+            proxy.log_text()
+        );
+    }
+    for proxy in &replicas {
+        let answer = get(proxy.addr, "/x", &[("x-connector-name", "tls")]).await;
+        assert_eq!(answer.status, 200);
+    }
+    // The second replica adopted the first one's token, over TLS.
+    assert_eq!(world.token.state.lock().unwrap().arrived, 1);
+
+    // A Redis whose certificate no configured CA signed is Redis down, never a failed request.
+    let stranger = common::Pki::new().leaf(&["127.0.0.1"]);
+    let untrusted = Redis::start_tls(&stranger.cert_pem, &stranger.key_pem);
+    let lonely = replica(&world, &untrusted.tls_url(), KEY, &connectors);
+    let answer = get(lonely.addr, "/x", &[("x-connector-name", "tls")]).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(cluster_up(&lonely).await, Some(0.0));
 }

@@ -10,6 +10,8 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Serving TLS only (`rediss://`), with these files in `dir`.
+    tls: bool,
 }
 
 impl Drop for Redis {
@@ -20,18 +22,37 @@ impl Drop for Redis {
 
 impl Redis {
     pub fn start() -> Self {
+        let mut redis = Self::start_unstarted();
+        redis.restart();
+        redis
+    }
+
+    /// A server speaking TLS only, presenting `cert_pem` (for 127.0.0.1) and `key_pem`.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        let mut redis = Self::start_unstarted();
+        std::fs::write(redis.dir.path().join("cert.pem"), cert_pem).unwrap();
+        std::fs::write(redis.dir.path().join("key.pem"), key_pem).unwrap();
+        redis.tls = true;
+        redis.restart();
+        redis
+    }
+
+    fn start_unstarted() -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut redis = Self {
+        Self {
             port,
             child: None,
             dir: tempfile::tempdir().unwrap(),
-        };
-        redis.restart();
-        redis
+            tls: false,
+        }
+    }
+
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/0", self.port)
     }
 
     pub fn url(&self) -> String {
@@ -40,8 +61,21 @@ impl Redis {
 
     /// Starts the server again on the same port (after [`Redis::kill`]).
     pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = Command::new("redis-server");
+        if self.tls {
+            let dir = self.dir.path();
+            command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(dir.join("cert.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("key.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            command.args(["--port", &self.port.to_string()]);
+        }
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -57,7 +91,13 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.command(&["PING"]).is_some() {
+            // A TLS server is taken as up once it accepts connections.
+            let up = if self.tls {
+                TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                self.command(&["PING"]).is_some()
+            };
+            if up {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
