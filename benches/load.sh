@@ -9,6 +9,11 @@
 #   MODE=serve bash benches/load.sh      # start everything, print the ports and wait (profiling)
 #   MODE=soak bash benches/load.sh       # 1,000 connections for 60 s (SOAK_SECONDS), Basic and
 #                                        # OAuth with 2 s tokens; every answer checked, RSS sampled
+#   CLUSTER=1 MODE=quick bash benches/load.sh   # the same rows with [cluster] on (a local
+#                                        # redis-server), for A/B against CLUSTER=0
+#   MODE=cluster-soak bash benches/load.sh      # three replicas sharing 2 s tokens through
+#                                        # Redis, 1,000 connections over them, Redis stopped for
+#                                        # 10 s in the middle; every answer checked
 #
 # The job (as in the performance issue): plain HTTP in, a static Basic Authorization added, HTTPS
 # out with keepalive, upstream certificate verified. The HTTPS upstream is nginx answering a
@@ -25,19 +30,21 @@ LOAD_CORE=${LOAD_CORE:-1}
 # Requests per upstream connection before nginx closes it (for HTTP/2: a GOAWAY, after which the
 # proxy opens a new connection and sends refused streams again).
 UPSTREAM_KEEPALIVE_REQUESTS=${UPSTREAM_KEEPALIVE_REQUESTS:-1000000}
-MODE=${MODE:-compare}                 # compare | quick | soak | serve
+MODE=${MODE:-compare}                 # compare | quick | soak | cluster-soak | serve
+CLUSTER=${CLUSTER:-0}                 # 1: [cluster] on, tokens shared through a local redis-server
 SOAK_SECONDS=${SOAK_SECONDS:-60}
 CONNECTIONS_SOAK=${CONNECTIONS_SOAK:-1000}
 PROXY_ENV=${PROXY_ENV:-}              # e.g. PROXY_ENV=MALLOC_ARENA_MAX=2, for experiments
 PROXY_WRAP=${PROXY_WRAP:-}            # e.g. PROXY_WRAP=heaptrack (RSS figures are then the wrapper's)
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk; then
-    echo "installing nginx and wrk" >&2
+if ! need nginx || ! need wrk || ! need redis-server; then
+    echo "installing nginx, wrk and redis-server" >&2
     if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
     $SUDO apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx-light wrk >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nginx-light wrk redis-server >/dev/null
 fi
+[ "$MODE" = cluster-soak ] && CLUSTER=1
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 if [ -z "${PROXY_BIN:-}" ]; then   # PROXY_BIN=path: measure another build (A/B experiments)
@@ -56,7 +63,7 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-UP=$(free_port); NGX=$(free_port); CP=$(free_port); CPA=$(free_port)
+UP=$(free_port); NGX=$(free_port); CP=$(free_port); CPA=$(free_port); REDIS=$(free_port)
 
 # A test CA and a certificate for crm.example.com, for this run only.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
@@ -172,6 +179,23 @@ token_url = "https://crm.example.com/oauth2/rolling"
 client_id = "bench"
 client_secret = "bench-secret"
 EOF
+if [ "$CLUSTER" = 1 ]; then
+    start_redis() {
+        taskset -c "$PROXY_CORE" redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly no \
+            --dir "$work" >"$work/redis.log" 2>&1 &
+        REDIS_PID=$!
+        for _ in $(seq 50); do redis-cli -p "$REDIS" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    }
+    start_redis
+    pids+=("$REDIS_PID")
+    cat >>"$work/connector-proxy.toml" <<EOF
+
+[cluster]
+redis_url = "redis://127.0.0.1:$REDIS/0"
+encryption_key = "$(openssl rand -base64 32)"
+lock_ttl = "2s"
+EOF
+fi
 
 taskset -c "$PROXY_CORE" "$NGINX" -c "$work/upstream.conf" -p "$work" 2>/dev/null
 taskset -c "$PROXY_CORE" "$NGINX" -c "$work/proxy.conf" -p "$work" 2>/dev/null
@@ -313,6 +337,68 @@ curl -s -o /dev/null -k --resolve "crm.example.com:$UP:127.0.0.1" "https://crm.e
 curl -s -o /dev/null "http://127.0.0.1:$NGX/"
 curl -s -o /dev/null -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/"
 curl -s -o /dev/null -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/"
+
+if [ "$MODE" = cluster-soak ]; then
+    # Two more replicas on the same file but their own ports; 1,000 connections spread over the
+    # three, all on the 2 s-token connector; Redis killed for 10 s in the middle of the run.
+    rep_pids=("$CP_PID"); rep_ports=("$CP")
+    for n in 2 3; do
+        port=$(free_port); admin=$(free_port)
+        sed -e "s|^listen = .*|listen = \"127.0.0.1:$port\"|" -e "s|^admin_listen = .*|admin_listen = \"127.0.0.1:$admin\"|" \
+            "$work/connector-proxy.toml" >"$work/replica-$n.toml"
+        taskset -c "$PROXY_CORE" env RUST_LOG=warn "$PROXY_BIN" --config "$work/replica-$n.toml" >"$work/replica-$n.log" 2>&1 &
+        pids+=($!); rep_pids+=($!); rep_ports+=("$port")
+        for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$admin/readyz" && break; sleep 0.1; done
+    done
+    cat >"$work/check.lua" <<'EOF'
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init() bad = 0 end
+function response(status, headers, body)
+    if status ~= 200 or body ~= "ok" then bad = bad + 1 end
+end
+function done(summary, latency, requests)
+    local total = 0
+    for _, t in ipairs(threads) do total = total + t:get("bad") end
+    io.write(string.format("requests %d, wrong answers %d, socket errors %d\n", summary.requests,
+        total, summary.errors.connect + summary.errors.read + summary.errors.write
+        + summary.errors.timeout))
+end
+EOF
+    share=$((CONNECTIONS_SOAK / 3))
+    tokens_before=$(wc -l <"$work/rolling.log")
+    soak_start=$(date +%s.%N)
+    wrk_pids=()
+    for i in 0 1 2; do
+        timeout $((SOAK_SECONDS + 60)) taskset -c "$LOAD_CORE" wrk -t1 -c"$share" -d"${SOAK_SECONDS}s" --latency \
+            -s "$work/check.lua" -H "X-Connector-Name: rolling" "http://127.0.0.1:${rep_ports[$i]}/soak/oauth" \
+            >"$work/cluster-soak-$i.txt" 2>&1 &
+        wrk_pids+=($!)
+    done
+    half=$((SOAK_SECONDS / 2))
+    sleep $((half - 5))
+    tokens_mid=$(wc -l <"$work/rolling.log")
+    kill -9 "$REDIS_PID"
+    sleep 10
+    tokens_down=$(($(wc -l <"$work/rolling.log") - tokens_mid))
+    start_redis; pids+=("$REDIS_PID")
+    wait "${wrk_pids[@]}" || true
+    tokens=$(($(wc -l <"$work/rolling.log") - tokens_before))
+    soak_elapsed=$(awk -v a="$soak_start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+    echo
+    echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); kernel $(uname -r)"
+    echo "Cluster soak: 3 replicas, $CONNECTIONS_SOAK connections for ${SOAK_SECONDS}s, 2 s tokens, Redis killed for 10 s from $((half - 5)) s"
+    for i in 0 1 2; do
+        f="$work/cluster-soak-$i.txt"
+        printf 'replica %d: %s; %s req/s, p99 %s\n' $((i + 1)) "$(grep '^requests' "$f")" \
+            "$(awk '/Requests\/sec/ {print $2}' "$f")" "$(awk '$1=="99%" {print $2}' "$f")"
+        grep -E 'Non-2xx|Socket errors' "$f" || true
+    done
+    awk -v t="$tokens" -v d="$tokens_down" -v e="$soak_elapsed" 'BEGIN {
+        printf "token requests: %d in %.1f s (shared: one per refresh, every ~0.8 s, ~%.0f; three alone: ~%.0f); %d in the 10 s without Redis (three alone: ~%.0f)\n", t, e, e / 0.8, 3 * e / 0.8, d, 3 * 10 / 0.8 }'
+    for n in "${rep_pids[@]}"; do echo "replica pid $n: RSS $(rss "$n") KiB"; done
+    exit 0
+fi
 
 if [ "$MODE" = serve ]; then   # leave everything running, for profiling by hand
     echo "connector-proxy pid $CP_PID on http://127.0.0.1:$CP (admin $CPA); nginx proxy on" \
