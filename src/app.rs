@@ -15,7 +15,7 @@ use http::{Method, Request};
 use http_body_util::{Either, Full};
 
 use crate::cluster::Cluster;
-use crate::config::{Config, OAuthSettings, ServerSettings, UpstreamSettings};
+use crate::config::{ClusterSettings, Config, OAuthSettings, ServerSettings, UpstreamSettings};
 use crate::credentials::Credentials;
 use crate::forward::{self, Upstream};
 use crate::metrics::{Metrics, ReloadLabels};
@@ -50,6 +50,7 @@ struct Loaded {
     upstream: UpstreamSettings,
     oauth: OAuthSettings,
     server: ServerSettings,
+    cluster: Option<ClusterSettings>,
     at: SystemTime,
 }
 
@@ -119,13 +120,17 @@ impl App {
             let same = loaded.upstream == config.upstream && loaded.oauth == config.oauth;
             (same, restart_only_changes(&loaded.server, &config.server))
         };
-        let replay_memory_changed = {
+        let (replay_memory_changed, cluster_changed) = {
             let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-            loaded.upstream.replay_memory != config.upstream.replay_memory
+            (
+                loaded.upstream.replay_memory != config.upstream.replay_memory,
+                loaded.cluster != config.cluster,
+            )
         };
         let restart_only = restart_only
             .into_iter()
-            .chain(replay_memory_changed.then_some("upstream.replay_memory"));
+            .chain(replay_memory_changed.then_some("upstream.replay_memory"))
+            .chain(cluster_changed.then_some("cluster"));
         for key in restart_only {
             tracing::warn!(
                 key,
@@ -216,6 +221,7 @@ impl Loaded {
             upstream: config.upstream.clone(),
             oauth: config.oauth.clone(),
             server: config.server.clone(),
+            cluster: config.cluster.clone(),
             at: SystemTime::now(),
         }
     }

@@ -379,3 +379,93 @@ async fn rediss_is_verified_against_extra_ca_file_and_shares_tokens() {
     assert_eq!(answer.status, 200);
     assert_eq!(cluster_up(&lonely).await, Some(0.0));
 }
+
+#[tokio::test]
+async fn a_401_drops_the_shared_entry_only_while_it_holds_the_refused_token() {
+    let redis = Redis::start();
+    let world = World::new().await;
+    let connectors = post_client(&world, "guarded");
+    let (a, b) = (
+        replica(&world, &redis.url(), KEY, &connectors),
+        replica(&world, &redis.url(), KEY, &connectors),
+    );
+    for proxy in [&a, &b] {
+        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+        assert_eq!(
+            get(proxy.addr, "/x", &[("x-connector-name", "guarded")])
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        world.token.state.lock().unwrap().arrived,
+        1,
+        "b adopted a's token"
+    );
+    let first = format!("Bearer {}", world.token.issued_to("guarded")[0]);
+    world.crm.reject.lock().unwrap().insert(first);
+    // b meets the refusal first: it drops the entry (it still held the refused token), fetches
+    // a second token and shares it.
+    assert_eq!(
+        get(b.addr, "/x", &[("x-connector-name", "guarded")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(world.token.state.lock().unwrap().arrived, 2);
+    assert!(eventually(async || redis.values("connector-proxy:token:*").len() == 1).await);
+    // a still holds the first token locally: its 401 must not drop b's new entry, and a adopts
+    // it for the replay instead of fetching a third.
+    assert_eq!(
+        get(a.addr, "/x", &[("x-connector-name", "guarded")])
+            .await
+            .status,
+        200
+    );
+    let second = format!("Bearer {}", world.token.issued_to("guarded")[1]);
+    assert_eq!(
+        world.crm.seen().last().unwrap().headers["authorization"],
+        second.as_str()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(world.token.state.lock().unwrap().arrived, 2);
+    assert_eq!(redis.values("connector-proxy:token:*").len(), 1);
+}
+
+#[tokio::test]
+async fn a_password_in_redis_url_authenticates_and_a_wrong_one_is_redis_down() {
+    let redis = Redis::start_with_password("redis-pa55");
+    let world = World::new().await;
+    let connectors = post_client(&world, "auth");
+    let port = redis.port;
+    let good = replica(
+        &world,
+        &format!("redis://:redis-pa55@127.0.0.1:{port}/0"),
+        KEY,
+        &connectors,
+    );
+    assert!(
+        eventually(async || cluster_up(&good).await == Some(1.0)).await,
+        "{}",
+        good.log_text()
+    );
+    let bad = replica(
+        &world,
+        &format!("redis://:wrong@127.0.0.1:{port}/0"),
+        KEY,
+        &connectors,
+    );
+    for proxy in [&good, &bad] {
+        assert_eq!(
+            get(proxy.addr, "/x", &[("x-connector-name", "auth")])
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(cluster_up(&bad).await, Some(0.0));
+    for proxy in [&good, &bad] {
+        assert!(!proxy.log_text().contains("redis-pa55") && !proxy.log_text().contains(":wrong@"));
+    }
+}

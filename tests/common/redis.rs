@@ -12,6 +12,8 @@ pub struct Redis {
     dir: tempfile::TempDir,
     /// Serving TLS only (`rediss://`), with these files in `dir`.
     tls: bool,
+    /// `--requirepass`.
+    password: Option<String>,
 }
 
 impl Drop for Redis {
@@ -48,7 +50,16 @@ impl Redis {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             tls: false,
+            password: None,
         }
+    }
+
+    /// A server that wants `password` (AUTH) from every client.
+    pub fn start_with_password(password: &str) -> Self {
+        let mut redis = Self::start_unstarted();
+        redis.password = Some(password.to_owned());
+        redis.restart();
+        redis
     }
 
     pub fn tls_url(&self) -> String {
@@ -73,6 +84,9 @@ impl Redis {
                 .args(["--tls-auth-clients", "no"]);
         } else {
             command.args(["--port", &self.port.to_string()]);
+        }
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
         }
         let child = command
             .args(["--bind", "127.0.0.1"])
