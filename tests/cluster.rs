@@ -14,6 +14,8 @@ use common::{Proxy, get};
 /// 32 bytes of 0x01 and of 0x02, base64.
 const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
 const OTHER_KEY: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+/// Token entries (`<prefix>:token:<32 hex digits>`), not their locks (`...:lock`).
+const ENTRIES: &str = "connector-proxy:token:????????????????????????????????";
 
 fn cluster(url: &str, key: &str) -> String {
     format!(
@@ -87,7 +89,7 @@ async fn three_replicas_make_one_token_request_and_redis_holds_nothing_readable(
     );
 
     // What Redis holds: one sealed entry, in which the token does not appear.
-    let values = redis.values("connector-proxy:token:*");
+    let values = redis.values(ENTRIES);
     assert_eq!(values.len(), 1, "{:?}", redis.keys("*"));
     for value in &values {
         let text = String::from_utf8_lossy(value);
@@ -304,6 +306,14 @@ async fn a_rotating_refresh_token_is_presented_once_across_replicas() {
     for proxy in &replicas {
         assert!(!proxy.log_text().contains("user-pa55") && !proxy.log_text().contains("rt-5ecret"));
     }
+    // The entry carries the refresh token, sealed: neither token can be read from Redis.
+    let values = redis.values(ENTRIES);
+    assert_eq!(values.len(), 1);
+    let text = String::from_utf8_lossy(&values[0]);
+    assert!(
+        !text.contains("5ecret") && !text.contains("user-pa55"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -414,7 +424,7 @@ async fn a_401_drops_the_shared_entry_only_while_it_holds_the_refused_token() {
         200
     );
     assert_eq!(world.token.state.lock().unwrap().arrived, 2);
-    assert!(eventually(async || redis.values("connector-proxy:token:*").len() == 1).await);
+    assert!(eventually(async || redis.values(ENTRIES).len() == 1).await);
     // a still holds the first token locally: its 401 must not drop b's new entry, and a adopts
     // it for the replay instead of fetching a third.
     assert_eq!(
@@ -430,7 +440,7 @@ async fn a_401_drops_the_shared_entry_only_while_it_holds_the_refused_token() {
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(world.token.state.lock().unwrap().arrived, 2);
-    assert_eq!(redis.values("connector-proxy:token:*").len(), 1);
+    assert_eq!(redis.values(ENTRIES).len(), 1);
 }
 
 #[tokio::test]
