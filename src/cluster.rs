@@ -32,6 +32,8 @@ pub struct Cluster {
     client: redis::Client,
     /// A connect loop runs.
     connecting: AtomicBool,
+    /// An entry that did not open has been logged.
+    unopened_logged: AtomicBool,
     me: Weak<Self>,
     sealer: Sealer,
     prefix: String,
@@ -68,6 +70,9 @@ pub struct Lease {
     renewal: tokio::task::AbortHandle,
 }
 
+/// How long an entry stays in Redis after its access token lapsed: a day.
+const ENTRY_GRACE_MS: u64 = 24 * 3600 * 1000;
+
 /// Releases a lock only for its owner.
 const RELEASE: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 /// Extends a lock only for its owner.
@@ -99,6 +104,7 @@ impl Cluster {
             redis: ArcSwapOption::empty(),
             client,
             connecting: AtomicBool::new(false),
+            unopened_logged: AtomicBool::new(false),
             me: me.clone(),
             sealer: Sealer::new(&settings.encryption_key),
             prefix: settings.key_prefix.clone(),
@@ -195,18 +201,24 @@ impl Cluster {
         match self.sealer.open(name, &sealed) {
             Ok(entry) => Some((entry, sealed)),
             Err(e) => {
-                tracing::warn!(entry = name, error = %e, "a shared token entry does not open; treated as a miss");
+                // Once per process: a waiter reads every 50 ms.
+                if !self.unopened_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(entry = name, error = %e, "a shared token entry does not open (another encryption_key?); treated as a miss");
+                }
                 None
             }
         }
     }
 
-    /// Seals and stores `entry` until it lapses; returns what was stored.
+    /// Seals and stores `entry`; returns what was stored. The entry is kept a day past its
+    /// access token, so that its refresh token (which outlives access tokens) is the one the
+    /// next lock holder presents, even after a quiet spell; replicas only adopt what has time
+    /// left.
     pub async fn write(&self, name: &str, entry: &Entry) -> Option<Vec<u8>> {
         let redis = self.connection()?;
         let sealed = self.sealer.seal(name, entry);
         let now = unix_ms(SystemTime::now());
-        let ttl = entry.expires_at_ms.saturating_sub(now).max(1);
+        let ttl = entry.expires_at_ms.saturating_sub(now) + ENTRY_GRACE_MS;
         let value = sealed.clone();
         self.call("set", async move {
             let mut redis = redis;

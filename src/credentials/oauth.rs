@@ -279,49 +279,53 @@ impl TokenSource {
     /// configured grant. Records the outcome and ends the flight under one lock, so that a
     /// caller never finds neither a token, nor an error, nor a flight.
     async fn fetch(self: &Arc<Self>) -> Result<HeaderValue, CredentialError> {
-        if let Some(shared) = &self.shared
-            && let Some(result) = Box::pin(self.fetch_shared(shared)).await
-        {
-            return result;
-        }
-        self.fetch_alone(None).await.map(|(header, _)| header)
+        let refresh = match &self.shared {
+            None => Refresh::Local,
+            Some(shared) => match Box::pin(self.fetch_shared(shared)).await {
+                SharedFetch::Done(result) => return result,
+                SharedFetch::Down => Refresh::Local,
+                // Another replica holds the lock, and may be presenting the shared refresh
+                // token right now: the configured grant is the one safe to send alone.
+                SharedFetch::WaitedOut => Refresh::None,
+            },
+        };
+        self.fetch_alone(refresh).await.map(|(header, _)| header)
     }
 
     /// The cluster's way: adopt the shared entry when it holds a newer usable token; else take
     /// the entry's lock, fetch (with the shared refresh token: only the lock holder presents
     /// it) and share the result; while another replica holds the lock, wait for its token up
-    /// to `token_timeout`. `None`: Redis is down or the wait ran out, so fetch alone.
-    async fn fetch_shared(
-        self: &Arc<Self>,
-        shared: &Shared,
-    ) -> Option<Result<HeaderValue, CredentialError>> {
+    /// to `token_timeout`.
+    async fn fetch_shared(self: &Arc<Self>, shared: &Shared) -> SharedFetch {
         let deadline = Instant::now() + self.settings.token_timeout;
         loop {
             if let Some(header) = self.adopt(shared).await {
-                return Some(Ok(header));
+                return SharedFetch::Done(Ok(header));
             }
             match shared.cluster.lock(&shared.name).await {
-                Lock::Down => return None,
-                Lock::Held if Instant::now() >= deadline => return None,
+                Lock::Down => return SharedFetch::Down,
+                Lock::Held if Instant::now() >= deadline => return SharedFetch::WaitedOut,
                 Lock::Held => tokio::time::sleep(SHARED_POLL).await,
                 Lock::Acquired(lease) => {
                     // Written between our read and our lock?
                     if let Some(header) = self.adopt(shared).await {
                         lease.release().await;
-                        return Some(Ok(header));
+                        return SharedFetch::Done(Ok(header));
                     }
-                    let refresh = shared
-                        .cluster
-                        .read(&shared.name)
-                        .await
-                        .and_then(|(entry, _)| entry.refresh_token);
+                    // The entry outlives its access token (cluster::Cluster::write) so that its
+                    // refresh token, the newest, decides; this cell's own may have been used by
+                    // another replica since.
+                    let refresh = match shared.cluster.read(&shared.name).await {
+                        Some((entry, _)) => Refresh::Shared(entry.refresh_token),
+                        None => Refresh::Local,
+                    };
                     let result = self.fetch_alone(refresh).await;
                     if let Ok((_, entry)) = &result {
                         let sealed = shared.cluster.write(&shared.name, entry).await;
                         self.state().sealed = sealed;
                     }
                     lease.release().await;
-                    return Some(result.map(|(header, _)| header));
+                    return SharedFetch::Done(result.map(|(header, _)| header));
                 }
             }
         }
@@ -333,8 +337,9 @@ impl TokenSource {
         let (entry, sealed) = shared.cluster.read(&shared.name).await?;
         let header = bearer(&entry.access_token)?;
         let now_ms = crate::cluster::unix_ms(SystemTime::now());
-        let left = Duration::from_millis(entry.expires_at_ms.saturating_sub(now_ms));
         let lifetime = Duration::from_millis(entry.lifetime_ms);
+        // Never longer than the token lived when it was fetched, whatever the clocks say.
+        let left = Duration::from_millis(entry.expires_at_ms.saturating_sub(now_ms)).min(lifetime);
         {
             let state = self.state();
             let held = state.token.as_ref().is_some_and(|t| t.header == header);
@@ -352,17 +357,23 @@ impl TokenSource {
     /// the entry to share.
     async fn fetch_alone(
         self: &Arc<Self>,
-        refresh: Option<Secret>,
+        refresh: Refresh,
     ) -> Result<(HeaderValue, Entry), CredentialError> {
         let started = Instant::now();
-        let refresh_token = refresh.or_else(|| self.state().refresh_token.clone());
+        let mut refresh_token = match refresh {
+            Refresh::Local => self.state().refresh_token.clone(),
+            Refresh::Shared(token) => token,
+            Refresh::None => None,
+        };
         let mut result = match &refresh_token {
             Some(token) => self.request(GrantRequest::Refresh(token)).await,
             None => self.request(GrantRequest::Configured).await,
         };
         if refresh_token.is_some() && matches!(result, Err(TokenError::OAuth { .. })) {
-            // A refused refresh token (expired, revoked): fall back to the configured grant.
+            // A refused refresh token (expired, revoked): fall back to the configured grant,
+            // and never present that one again.
             self.state().refresh_token = None;
+            refresh_token = None;
             result = self.request(GrantRequest::Configured).await;
         }
         match result {
@@ -521,6 +532,25 @@ fn bearer(token: &Secret) -> Option<HeaderValue> {
     let mut header = HeaderValue::try_from(format!("Bearer {}", token.expose())).ok()?;
     header.set_sensitive(true);
     Some(header)
+}
+
+/// Which refresh token a fetch may present.
+enum Refresh {
+    /// This cell's own (no cluster, or Redis is down).
+    Local,
+    /// The shared entry's, the newest: the lock holder's to present.
+    Shared(Option<Secret>),
+    /// None: the configured grant only.
+    None,
+}
+
+/// How a fetch through the cluster ended.
+enum SharedFetch {
+    Done(Result<HeaderValue, CredentialError>),
+    /// Redis did not answer: fetch alone, as without `[cluster]`.
+    Down,
+    /// Another replica held the lock past `token_timeout`: fetch alone.
+    WaitedOut,
 }
 
 /// How often a replica waiting for another's fetch looks at the shared entry.
