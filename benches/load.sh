@@ -278,9 +278,9 @@ table_head() {
     echo "| ------------------------------------ | --------: | ------: | ------: | -------: | -------: | --------: | -----------: | -----: | -----: |"
 }
 
-if [ "$MODE" = soak ]; then
-    # wrk checks every answer (status 200, body "ok") in Lua; the upstream answers "ok" only to
-    # the right credentials. Half the connections use Basic, half OAuth with 2 s tokens.
+# wrk checks every answer (status 200, body "ok") in Lua; the upstream answers "ok" only to the
+# right credentials. Both soaks use it.
+write_check_lua() {
     cat >"$work/check.lua" <<'EOF'
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
@@ -296,6 +296,11 @@ function done(summary, latency, requests)
         + summary.errors.timeout))
 end
 EOF
+}
+
+if [ "$MODE" = soak ]; then
+    # Half the connections use Basic, half OAuth with 2 s tokens.
+    write_check_lua
     half=$((CONNECTIONS_SOAK / 2))
     : >"$work/rss.txt"
     tokens_before=$(wc -l <"$work/rolling.log")
@@ -350,21 +355,7 @@ if [ "$MODE" = cluster-soak ]; then
         pids+=($!); rep_pids+=($!); rep_ports+=("$port")
         for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$admin/readyz" && break; sleep 0.1; done
     done
-    cat >"$work/check.lua" <<'EOF'
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
-function init() bad = 0 end
-function response(status, headers, body)
-    if status ~= 200 or body ~= "ok" then bad = bad + 1 end
-end
-function done(summary, latency, requests)
-    local total = 0
-    for _, t in ipairs(threads) do total = total + t:get("bad") end
-    io.write(string.format("requests %d, wrong answers %d, socket errors %d\n", summary.requests,
-        total, summary.errors.connect + summary.errors.read + summary.errors.write
-        + summary.errors.timeout))
-end
-EOF
+    write_check_lua
     share=$((CONNECTIONS_SOAK / 3))
     tokens_before=$(wc -l <"$work/rolling.log")
     soak_start=$(date +%s.%N)
