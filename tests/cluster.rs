@@ -9,10 +9,12 @@ use std::time::Duration;
 use common::metrics::{self, metric};
 use common::oauth::{World, post_client};
 use common::redis::Redis;
-use common::{Proxy, get};
+use common::{Proxy, eventually, get};
 
 /// 32 bytes of 0x01 and of 0x02, base64.
 const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+/// For liveness only ("it happened"), never as a performance assertion.
+const WITHIN: Duration = Duration::from_secs(10);
 const OTHER_KEY: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
 /// Token entries (`<prefix>:token:<32 hex digits>`), not their locks (`...:lock`).
 const ENTRIES: &str = "connector-proxy:token:????????????????????????????????";
@@ -39,17 +41,6 @@ async fn cluster_up(proxy: &Proxy) -> Option<f64> {
     metric(&samples, "connector_proxy_cluster_up", &[])
 }
 
-/// Polls `check` every 50 ms for up to 10 s.
-async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
-    for _ in 0..200 {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 #[tokio::test]
 async fn three_replicas_make_one_token_request_and_redis_holds_nothing_readable() {
     let redis = Redis::start();
@@ -61,7 +52,7 @@ async fn three_replicas_make_one_token_request_and_redis_holds_nothing_readable(
         .map(|_| replica(&world, &redis.url(), KEY, &connectors))
         .collect();
     for proxy in &replicas {
-        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+        assert!(eventually(WITHIN, async || cluster_up(proxy).await == Some(1.0)).await);
     }
     let mut calls = Vec::new();
     for i in 0..300 {
@@ -103,12 +94,15 @@ async fn three_replicas_make_one_token_request_and_redis_holds_nothing_readable(
 
     // A replica with another encryption_key cannot open the entry: a miss, its own fetch.
     let stranger = replica(&world, &redis.url(), OTHER_KEY, &connectors);
-    assert!(eventually(async || cluster_up(&stranger).await == Some(1.0)).await);
+    assert!(eventually(WITHIN, async || cluster_up(&stranger).await == Some(1.0)).await);
     let answer = get(stranger.addr, "/x", &[("x-connector-name", "shared")]).await;
     assert_eq!(answer.status, 200);
     assert_eq!(world.token.state.lock().unwrap().arrived, 2);
     assert!(
-        eventually(async || stranger.log_text().contains("does not open")).await,
+        eventually(WITHIN, async || stranger
+            .log_text()
+            .contains("does not open"))
+        .await,
         "{}",
         stranger.log_text()
     );
@@ -123,7 +117,7 @@ async fn redis_failing_never_fails_a_request() {
         .map(|_| replica(&world, &redis.url(), KEY, &connectors))
         .collect();
     for proxy in &replicas {
-        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+        assert!(eventually(WITHIN, async || cluster_up(proxy).await == Some(1.0)).await);
         assert_eq!(
             get(proxy.addr, "/x", &[("x-connector-name", "steady")])
                 .await
@@ -157,7 +151,7 @@ async fn redis_failing_never_fails_a_request() {
         world.crm.reject.lock().unwrap().insert(last);
     }
     for proxy in &replicas {
-        assert!(eventually(async || cluster_up(proxy).await == Some(0.0)).await);
+        assert!(eventually(WITHIN, async || cluster_up(proxy).await == Some(0.0)).await);
         let status = get(proxy.admin, "/status", &[]).await.json();
         assert_eq!(status["cluster"]["state"], "down", "{status}");
         assert!(status["cluster"]["last_error"].is_string());
@@ -168,7 +162,7 @@ async fn redis_failing_never_fails_a_request() {
         let issued = world.token.issued_to("steady");
         let last = format!("Bearer {}", issued.last().unwrap());
         world.crm.reject.lock().unwrap().insert(last);
-        let rejoined = eventually(async || {
+        let rejoined = eventually(WITHIN, async || {
             get(proxy.addr, "/x", &[("x-connector-name", "steady")]).await;
             cluster_up(proxy).await == Some(1.0)
         })
@@ -241,7 +235,7 @@ async fn three_replicas_refresh_once_per_lifetime_in_all_and_never_send_a_lapsed
         .map(|_| replica(&world, &redis.url(), KEY, &connectors))
         .collect();
     for proxy in &replicas {
-        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+        assert!(eventually(WITHIN, async || cluster_up(proxy).await == Some(1.0)).await);
     }
     traffic(&replicas, "rolling", Duration::from_secs(20)).await;
     // One per lifetime (a refresh at 80 % of 2 s: about 12.5 in 20 s) in all; three
@@ -287,7 +281,7 @@ async fn a_rotating_refresh_token_is_presented_once_across_replicas() {
         .map(|_| replica(&world, &redis.url(), KEY, &connectors))
         .collect();
     for proxy in &replicas {
-        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+        assert!(eventually(WITHIN, async || cluster_up(proxy).await == Some(1.0)).await);
     }
     traffic(&replicas, "pw", Duration::from_secs(8)).await;
     let log = world.token.log();
@@ -337,12 +331,17 @@ async fn a_lock_holder_killed_mid_fetch_is_taken_over_after_its_lease() {
     let holder = world.start_config(&config(()), &[]);
     let other = world.start_config(&config(()), &[]);
     for proxy in [&holder, &other] {
-        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+        assert!(eventually(WITHIN, async || cluster_up(proxy).await == Some(1.0)).await);
     }
     let addr = holder.addr;
     let first =
         tokio::spawn(async move { get(addr, "/x", &[("x-connector-name", "orphan")]).await });
-    assert!(eventually(async || !redis.keys("connector-proxy:token:*:lock").is_empty()).await);
+    assert!(
+        eventually(WITHIN, async || !redis
+            .keys("connector-proxy:token:*:lock")
+            .is_empty())
+        .await
+    );
     drop(holder); // SIGKILL while its fetch stalls at the endpoint
     let _ = first.await;
     // Served after the lease (2 s) runs out and its own fetch (3 s), well before its 20 s
@@ -369,7 +368,7 @@ async fn rediss_is_verified_against_extra_ca_file_and_shares_tokens() {
         .collect();
     for proxy in &replicas {
         assert!(
-            eventually(async || cluster_up(proxy).await == Some(1.0)).await,
+            eventually(WITHIN, async || cluster_up(proxy).await == Some(1.0)).await,
             "{}",
             proxy.log_text()
         );
@@ -400,7 +399,7 @@ async fn a_401_drops_the_shared_entry_only_while_it_holds_the_refused_token() {
         replica(&world, &redis.url(), KEY, &connectors),
     );
     for proxy in [&a, &b] {
-        assert!(eventually(async || cluster_up(proxy).await == Some(1.0)).await);
+        assert!(eventually(WITHIN, async || cluster_up(proxy).await == Some(1.0)).await);
         assert_eq!(
             get(proxy.addr, "/x", &[("x-connector-name", "guarded")])
                 .await
@@ -424,7 +423,7 @@ async fn a_401_drops_the_shared_entry_only_while_it_holds_the_refused_token() {
         200
     );
     assert_eq!(world.token.state.lock().unwrap().arrived, 2);
-    assert!(eventually(async || redis.values(ENTRIES).len() == 1).await);
+    assert!(eventually(WITHIN, async || redis.values(ENTRIES).len() == 1).await);
     // a still holds the first token locally: its 401 must not drop b's new entry, and a adopts
     // it for the replay instead of fetching a third.
     assert_eq!(
@@ -456,7 +455,7 @@ async fn a_password_in_redis_url_authenticates_and_a_wrong_one_is_redis_down() {
         &connectors,
     );
     assert!(
-        eventually(async || cluster_up(&good).await == Some(1.0)).await,
+        eventually(WITHIN, async || cluster_up(&good).await == Some(1.0)).await,
         "{}",
         good.log_text()
     );

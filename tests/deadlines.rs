@@ -10,32 +10,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::metrics::{self, metric};
+use common::metrics;
 use common::oauth::{World, post_client};
-use common::{Pki, Proxy, Upstream, accept_tls, get, send, server_config};
+use common::{Pki, Proxy, Upstream, accept_tls, eventually, get, send, server_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 
 /// Generous bounds for liveness only ("it ended"), never as performance assertions.
 const ENDS_WITHIN: Duration = Duration::from_secs(15);
-
-async fn inflight(admin: SocketAddr) -> f64 {
-    let samples = metrics::fetch(admin).await;
-    metric(&samples, "connector_proxy_inflight_requests", &[]).unwrap()
-}
-
-/// Polls until `check` holds or `ENDS_WITHIN` passes; returns whether it held.
-async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + ENDS_WITHIN;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
 
 /// Writes a POST head announcing `length` bytes and the first `sent` of them, then holds the
 /// connection open (the write half is returned), reading the answer's head (status 0 if none
@@ -92,7 +75,7 @@ async fn a_kept_body_that_stalls_ends_in_upstream_timeout() {
     assert_eq!(answer.status, 504, "{answer:?}");
     assert_eq!(answer.header("x-proxy-error"), Some("upstream_timeout"));
     let admin = proxy.admin;
-    assert!(eventually(async || inflight(admin).await == 0.0).await);
+    assert!(eventually(ENDS_WITHIN, async || metrics::inflight(admin).await == 0.0).await);
     assert_eq!(world.crm.seen().len(), 0, "a partial body went upstream");
 }
 
@@ -142,7 +125,7 @@ async fn kept_bodies_share_replay_memory_and_others_are_served_meanwhile() {
         assert_eq!(answer.header("x-proxy-error"), Some("upstream_timeout"));
     }
     let admin = proxy.admin;
-    assert!(eventually(async || inflight(admin).await == 0.0).await);
+    assert!(eventually(ENDS_WITHIN, async || metrics::inflight(admin).await == 0.0).await);
 }
 
 /// An HTTP/2 upstream that answers every stream, after `delay`, with REFUSED_STREAM (not
@@ -235,13 +218,13 @@ async fn a_caller_that_stops_reading_is_cut_off_with_its_permit_and_upstream_str
         .await
         .unwrap();
     let (admin, open) = (proxy.admin, crm.open_downloads.clone());
-    assert!(eventually(async || open.load(Ordering::SeqCst) == 1).await);
+    assert!(eventually(ENDS_WITHIN, async || open.load(Ordering::SeqCst) == 1).await);
     assert!(
-        eventually(async || inflight(admin).await == 0.0).await,
+        eventually(ENDS_WITHIN, async || metrics::inflight(admin).await == 0.0).await,
         "the request is still counted in flight"
     );
     assert!(
-        eventually(async || open.load(Ordering::SeqCst) == 0).await,
+        eventually(ENDS_WITHIN, async || open.load(Ordering::SeqCst) == 0).await,
         "the upstream stream is still open"
     );
     // The one permit is free again.

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::metrics::{self, metric};
-use common::{Pki, Proxy, Upstream, accept_tls, raw, server_config};
+use common::metrics;
+use common::{Pki, Proxy, Upstream, accept_tls, eventually, raw, server_config};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -147,24 +147,6 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
-async fn inflight(admin: SocketAddr) -> f64 {
-    let samples = metrics::fetch(admin).await;
-    metric(&samples, "connector_proxy_inflight_requests", &[])
-        .expect("the in-flight gauge is exported")
-}
-
-/// Polls until `check` holds or `ENDS_WITHIN` passes; returns whether it held.
-async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + ENDS_WITHIN;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 #[tokio::test]
 async fn misbehaving_upstreams_end_in_their_errors_and_leave_nothing_behind() {
     let world = world().await;
@@ -209,13 +191,16 @@ async fn misbehaving_upstreams_end_in_their_errors_and_leave_nothing_behind() {
         }
     }
     assert!(
-        eventually(async || inflight(world.proxy.admin).await == 0.0).await,
+        eventually(ENDS_WITHIN, async || metrics::inflight(world.proxy.admin)
+            .await
+            == 0.0)
+        .await,
         "requests still counted in flight"
     );
     // The proxy holds no more descriptors than before (pooled crm connections aside).
     let pid = world.proxy.pid();
     assert!(
-        eventually(async || open_fds(pid) <= baseline + 4).await,
+        eventually(ENDS_WITHIN, async || open_fds(pid) <= baseline + 4).await,
         "descriptors: {baseline} before, {} after",
         open_fds(pid)
     );
@@ -312,9 +297,9 @@ async fn slow_clients_are_cut_off_while_others_are_served() {
     assert_eq!(common::parse_raw(&seen).status, 200);
 
     let (admin, pid) = (world.proxy.admin, world.proxy.pid());
-    assert!(eventually(async || inflight(admin).await == 0.0).await);
+    assert!(eventually(ENDS_WITHIN, async || metrics::inflight(admin).await == 0.0).await);
     assert!(
-        eventually(async || open_fds(pid) <= baseline + 2).await,
+        eventually(ENDS_WITHIN, async || open_fds(pid) <= baseline + 2).await,
         "descriptors: {baseline} before, {} after",
         open_fds(pid)
     );
@@ -534,9 +519,9 @@ client_secret = "post-secret"
     }
     assert_eq!(crm.seen().len(), 6, "no OAuth call reached the upstream");
     let (admin, pid) = (proxy.admin, proxy.pid());
-    assert!(eventually(async || inflight(admin).await == 0.0).await);
+    assert!(eventually(ENDS_WITHIN, async || metrics::inflight(admin).await == 0.0).await);
     assert!(
-        eventually(async || open_fds(pid) <= baseline + 4).await,
+        eventually(ENDS_WITHIN, async || open_fds(pid) <= baseline + 4).await,
         "descriptors: {baseline} before, {} after",
         open_fds(pid)
     );

@@ -46,3 +46,13 @@ pub async fn fetch(admin: SocketAddr) -> Samples {
     assert_eq!(answer.status, 200);
     scrape(std::str::from_utf8(&answer.body).unwrap())
 }
+
+/// `connector_proxy_inflight_requests` on the admin listener at `admin`.
+pub async fn inflight(admin: SocketAddr) -> f64 {
+    metric(
+        &fetch(admin).await,
+        "connector_proxy_inflight_requests",
+        &[],
+    )
+    .expect("the in-flight gauge is exported")
+}

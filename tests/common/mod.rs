@@ -570,6 +570,19 @@ pub fn one_basic_connector(
     pinned_config(host, addr, upstream_extra, &connectors)
 }
 
+/// Polls `check` every 50 ms until it holds or `within` passes; returns whether it held. For
+/// liveness only ("it ended"), never as a performance assertion.
+pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// Writes `path` into `dir` and returns it, for config fixtures that need real files.
 pub fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
     let path = dir.join(name);
