@@ -271,10 +271,7 @@ impl Routes {
         // unprocessed (an empty body is always in hand).
         let kept = match &connector.credentials {
             Credentials::OAuth(_) => replay.keep(&parts.headers, body, deadline, timeout).await?,
-            Credentials::Basic(_) if body.is_end_stream() => Kept::Whole {
-                body: Bytes::new(),
-                _memory: None,
-            },
+            Credentials::Basic(_) if body.is_end_stream() => Kept::empty(),
             Credentials::Basic(_) => Kept::Streamed(body),
         };
         let upstream_started = Instant::now();

@@ -213,12 +213,19 @@ impl TokenSource {
     }
 
     fn count_request(&self, outcome: &'static str) {
-        let labels = OutcomeLabels {
+        self.metrics
+            .token_requests
+            .get_or_create(&self.outcome(outcome))
+            .inc();
+    }
+
+    /// This connector's labels with an `outcome`.
+    fn outcome(&self, outcome: &'static str) -> OutcomeLabels {
+        OutcomeLabels {
             org: self.labels.org.clone(),
             connector: self.labels.connector.clone(),
             outcome,
-        };
-        self.metrics.token_requests.get_or_create(&labels).inc();
+        }
     }
 
     /// After an upstream answered 401 to `refused`: drops it when the cell still holds it and it
@@ -248,12 +255,10 @@ impl TokenSource {
             Rejection::Kept => "kept",
             Rejection::Replaced => return verdict,
         };
-        let labels = OutcomeLabels {
-            org: self.labels.org.clone(),
-            connector: self.labels.connector.clone(),
-            outcome,
-        };
-        self.metrics.token_rejections.get_or_create(&labels).inc();
+        self.metrics
+            .token_rejections
+            .get_or_create(&self.outcome(outcome))
+            .inc();
         verdict
     }
 
@@ -299,7 +304,7 @@ impl TokenSource {
     async fn fetch_shared(self: &Arc<Self>, shared: &Shared) -> SharedFetch {
         let deadline = Instant::now() + self.settings.token_timeout;
         loop {
-            if let Some(header) = self.adopt(shared).await {
+            if let Ok(header) = self.adopt(shared).await {
                 return SharedFetch::Done(Ok(header));
             }
             match shared.cluster.lock(&shared.name).await {
@@ -307,17 +312,16 @@ impl TokenSource {
                 Lock::Held if Instant::now() >= deadline => return SharedFetch::WaitedOut,
                 Lock::Held => tokio::time::sleep(SHARED_POLL).await,
                 Lock::Acquired(lease) => {
-                    // Written between our read and our lock?
-                    if let Some(header) = self.adopt(shared).await {
-                        lease.release().await;
-                        return SharedFetch::Done(Ok(header));
-                    }
-                    // The entry outlives its access token (cluster::Cluster::write) so that its
-                    // refresh token, the newest, decides; this cell's own may have been used by
-                    // another replica since.
-                    let refresh = match shared.cluster.read(&shared.name).await {
-                        Some((entry, _)) => Refresh::Shared(entry.refresh_token),
-                        None => Refresh::Local,
+                    // Written between our read and our lock? If not, the entry outlives its access
+                    // token (cluster::Cluster::write) so that its refresh token, the newest,
+                    // decides; this cell's own may have been used by another replica since.
+                    let refresh = match self.adopt(shared).await {
+                        Ok(header) => {
+                            lease.release().await;
+                            return SharedFetch::Done(Ok(header));
+                        }
+                        Err(Some(entry)) => Refresh::Shared(entry.refresh_token),
+                        Err(None) => Refresh::Local,
                     };
                     let result = self.fetch_alone(refresh).await;
                     if let Ok((_, entry)) = &result {
@@ -333,9 +337,15 @@ impl TokenSource {
 
     /// Installs the shared entry's token when it is usable, is not the one this replica
     /// holds already (a refresh wants a newer one) and was not refused here.
-    async fn adopt(self: &Arc<Self>, shared: &Shared) -> Option<HeaderValue> {
-        let (entry, sealed) = shared.cluster.read(&shared.name).await?;
-        let header = bearer(&entry.access_token)?;
+    /// When it is not adopted, the entry as read (`None`: none, or Redis is down), so that the
+    /// lock holder takes its refresh token without reading it again.
+    async fn adopt(self: &Arc<Self>, shared: &Shared) -> Result<HeaderValue, Option<Entry>> {
+        let Some((entry, sealed)) = shared.cluster.read(&shared.name).await else {
+            return Err(None);
+        };
+        let Some(header) = bearer(&entry.access_token) else {
+            return Err(Some(entry));
+        };
         let now_ms = crate::cluster::unix_ms(SystemTime::now());
         let lifetime = Duration::from_millis(entry.lifetime_ms);
         // Never longer than the token lived when it was fetched, whatever the clocks say.
@@ -344,12 +354,12 @@ impl TokenSource {
             let state = self.state();
             let held = state.token.as_ref().is_some_and(|t| t.header == header);
             if held || state.refused.as_ref() == Some(&header) || left <= send_guard(lifetime) {
-                return None;
+                return Err(Some(entry));
             }
         }
         let expires = Instant::now() + left;
         self.count_cache("shared");
-        Some(self.install_token(header, entry.refresh_token, lifetime, expires, Some(sealed)))
+        Ok(self.install_token(header, entry.refresh_token, lifetime, expires, Some(sealed)))
     }
 
     /// One fetch from the token endpoint: the refresh token first where there is one (`refresh`,

@@ -25,6 +25,7 @@ use tokio::task::AbortHandle;
 
 use super::connect::{ConnectError, UpstreamConnector};
 use super::{ForwardError, UpstreamBody};
+use crate::body::BoxError;
 
 /// hyper's HTTP/2 client settings, kept so that upstreams see what they saw before.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
@@ -396,8 +397,6 @@ async fn pipe(mut body: UpstreamBody, mut stream: SendStream<Bytes>, _conn: Arc<
         stream.send_reset(h2::Reason::INTERNAL_ERROR);
     }
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn pipe_frames(
     body: &mut UpstreamBody,

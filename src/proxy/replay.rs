@@ -39,6 +39,16 @@ pub enum Kept {
     Streamed(Incoming),
 }
 
+impl Kept {
+    /// A body with nothing in it: in hand, and holding no replay memory.
+    pub fn empty() -> Self {
+        Self::Whole {
+            body: Bytes::new(),
+            _memory: None,
+        }
+    }
+}
+
 impl ReplayBudget {
     pub fn new(max_body: usize, memory: usize) -> Self {
         Self {
@@ -58,10 +68,7 @@ impl ReplayBudget {
         idle: Duration,
     ) -> Result<Kept, ProxyError> {
         if body.is_end_stream() {
-            return Ok(Kept::Whole {
-                body: Bytes::new(),
-                _memory: None,
-            });
+            return Ok(Kept::empty());
         }
         let length = headers
             .get(header::CONTENT_LENGTH)

@@ -23,7 +23,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::body::BoxError;
 
 /// What a connection's requests tell its driver.
 pub struct Activity {
