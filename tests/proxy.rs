@@ -463,6 +463,66 @@ async fn internal_addresses_are_denied_unless_allowed() {
     assert_eq!(local.seen().len(), 2);
 }
 
+/// Each spelling of an internal address, pinned under a public-looking name: refused with 403
+/// whose body names the host and never the address (the warning in the log has it).
+#[tokio::test]
+async fn every_spelling_of_an_internal_address_is_denied_without_naming_it() {
+    let world = World::new().await;
+    let forms = [
+        ("::ffff:127.0.0.1", "127.0.0.1"), // IPv4-mapped
+        ("::127.0.0.1", "127.0.0.1"),      // IPv4-compatible
+        ("::169.254.169.254", "169.254.169.254"),
+        ("64:ff9b::a00:7", "10.0.0.7"),              // NAT64
+        ("64:ff9b:1::a9fe:a9fe", "169.254.169.254"), // local-use NAT64
+        ("2002:c0a8:107::1", "192.168.1.7"),         // 6to4
+        ("198.18.0.7", "198.18.0.7"),                // benchmarking
+        ("192.0.2.7", "192.0.2.7"),                  // documentation
+        ("2001:db8::7", "2001:db8::7"),
+    ];
+    let pins: Vec<(String, std::net::SocketAddr)> = forms
+        .iter()
+        .enumerate()
+        .map(|(i, (ip, _))| {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            (
+                format!("h{i}.example.org"),
+                std::net::SocketAddr::new(ip, 443),
+            )
+        })
+        .collect();
+    let pin_refs: Vec<(&str, std::net::SocketAddr)> =
+        pins.iter().map(|(h, a)| (h.as_str(), *a)).collect();
+    let connectors: String = (0..forms.len())
+        .map(|i| {
+            format!(
+                "[orgs.acme.connectors.f{i}]\nauth = \"basic\"\nresource_domain = \"https://h{i}.example.org\"\nusername = \"u\"\npassword = \"p\"\n"
+            )
+        })
+        .collect();
+    let proxy = world.start(&world.config_with_pins("", &pin_refs, &connectors));
+    for (i, (ip, carried)) in forms.iter().enumerate() {
+        let name = format!("f{i}");
+        let answer = expect_error(
+            &proxy,
+            "GET",
+            "/x",
+            &[("x-connector-name", &name)],
+            403,
+            "target_address_denied",
+        )
+        .await;
+        let body = String::from_utf8_lossy(&answer.body).into_owned();
+        assert!(body.contains(&format!("h{i}.example.org")), "{ip}: {body}");
+        let pinned = pins[i].1.ip().to_string();
+        for address in [*ip, *carried, pinned.as_str()] {
+            assert!(!body.contains(address), "{ip}: {address} in {body}");
+        }
+    }
+    let log = proxy.log_text();
+    assert!(log.contains("\"addr\":\"64:ff9b::a00:7\""), "{log}");
+    world.assert_canary_untouched();
+}
+
 #[tokio::test]
 async fn upstream_failures_map_to_their_codes() {
     let world = World::new().await;

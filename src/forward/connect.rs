@@ -27,10 +27,10 @@ use super::policy::AddressPolicy;
 /// Why no connection could be made. Found again by the caller in hyper's error chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error(
-        "{host} resolves only to {addr}, which is not an allowed network (upstream.allow_networks)"
-    )]
-    AddressDenied { host: String, addr: IpAddr },
+    /// The message names the host only: a caller must not learn what an internal name resolves
+    /// to. The address is in the warning logged where the connection was refused.
+    #[error("{host} resolves only to internal addresses, which are not in upstream.allow_networks")]
+    AddressDenied { host: String },
     #[error("cannot resolve {host}: {source}")]
     Resolve { host: String, source: io::Error },
     #[error("cannot connect to {host}: {source}")]
@@ -156,11 +156,12 @@ impl Inner {
                 .collect()
         };
         let mut last_error = None;
-        let mut denied = None;
+        let mut denied = false;
         let mut tcp = None;
         for addr in addrs {
             if !self.policy.allows(addr.ip()) {
-                denied.get_or_insert(addr.ip());
+                tracing::warn!(%host, addr = %addr.ip(), "not connecting: the address is internal and not in upstream.allow_networks");
+                denied = true;
                 continue;
             }
             match TcpStream::connect(addr).await {
@@ -179,13 +180,12 @@ impl Inner {
                     source,
                 });
             }
-            (None, None, Some(addr)) => {
+            (None, None, true) => {
                 return Err(ConnectError::AddressDenied {
                     host: host.to_owned(),
-                    addr,
                 });
             }
-            (None, None, None) => {
+            (None, None, false) => {
                 let source = io::Error::new(io::ErrorKind::NotFound, "no addresses");
                 return Err(ConnectError::Resolve {
                     host: host.to_owned(),
