@@ -1,6 +1,7 @@
 # Two stages: build with the full toolchain, run on a small image as a non-root user.
 #   docker build -t connector-proxy .
-#   docker run --rm -p 8080:8080 -p 9090:9090 -e CONNECTOR_PROXY_DEMO_TOKEN=change-me connector-proxy
+#   docker run --rm -p 8080:8080 -p 9090:9090 -e CONNECTOR_PROXY_DEMO_TOKEN=change-me \
+#     -e CONNECTOR_PROXY_ADMIN_TOKEN=change-me-too connector-proxy
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{Value, json};
@@ -13,16 +13,34 @@ use serde_json::{Value, json};
 use crate::app::App;
 use crate::config::AuthConfig;
 use crate::credentials::Credentials;
+use crate::metrics::Format;
 use crate::registry::{Connector, Validation};
 
 pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Full<Bytes>> {
+    // Probes need no secret; everything else does where `server.admin_token` is set.
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+    if !probe && !app.admin_authorized(request.headers()) {
+        let mut response = json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({
+                "error": "admin_auth_required",
+                "message": "this admin listener needs Authorization: Bearer <server.admin_token>",
+            }),
+        );
+        response
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => {
             refresh_token_gauges(app);
+            let accept = request.headers().get(ACCEPT).map(HeaderValue::as_bytes);
+            let format = Format::negotiate(accept);
             text(
                 StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                app.metrics.encode(),
+                format.content_type(),
+                app.metrics.encode(format),
             )
         }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -68,8 +86,7 @@ fn refresh_token_gauges(app: &App) {
             let left = source.status().valid_for.map_or(0.0, |d| d.as_secs_f64());
             app.metrics
                 .token_expiry
-                .get_or_create(&connector.labels)
-                .set(left);
+                .with(&connector.labels, |g| g.set(left));
         }
     }
 }

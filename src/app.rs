@@ -78,6 +78,22 @@ impl App {
         Ok(app)
     }
 
+    /// Whether an admin request may be served: always without `server.admin_token`, else only
+    /// with exactly one `Authorization: Bearer <admin_token>`. Read from the running
+    /// configuration, so that a reload rotates the token.
+    pub fn admin_authorized(&self, headers: &http::HeaderMap) -> bool {
+        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(expected) = &loaded.server.admin_token else {
+            return true;
+        };
+        let mut values = headers.get_all(AUTHORIZATION).iter();
+        match (values.next(), values.next()) {
+            (Some(value), None) => crate::secret::bearer_token(value.as_bytes())
+                .is_some_and(|token| expected.matches(token)),
+            _ => false,
+        }
+    }
+
     pub fn loaded_at(&self) -> SystemTime {
         self.loaded.lock().unwrap_or_else(|p| p.into_inner()).at
     }
@@ -141,9 +157,27 @@ impl App {
         let routes = build_routes(&config, previous, &self.metrics, self.cluster.as_ref())
             .map_err(|e| vec![e.to_string()])?;
         self.proxy.swap(routes);
+        self.forget_removed_series();
         *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = Loaded::of(&config);
         self.validate_connectors();
         Ok(())
+    }
+
+    /// Drops the metric series of connectors the running configuration no longer has, and the
+    /// token gauge of connectors no longer OAuth and the validation gauge of those no longer
+    /// validated. Done at every reload, so that a request still in flight on a removed
+    /// connector, which brings its series back, is cleaned up by the next one.
+    fn forget_removed_series(&self) {
+        let routes = self.proxy.routes();
+        let find = |org: &str, name: &str| routes.registry.org(org).and_then(|o| o.connector(name));
+        self.metrics
+            .retain_connectors(&|org, name| find(org, name).is_some());
+        self.metrics.token_expiry.retain(&|org, name| {
+            find(org, name).is_some_and(|c| matches!(c.credentials, Credentials::OAuth(_)))
+        });
+        self.metrics.validation_ok.retain(&|org, name| {
+            find(org, name).is_some_and(|c| c.config.validation_url.is_some())
+        });
     }
 
     /// `check --online`: fetches each OAuth connector's token once and calls each Basic
@@ -204,8 +238,8 @@ impl App {
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
                 let validation = validate(&connector, &upstream, url).await;
-                let gauge = metrics.validation_ok.get_or_create(&connector.labels);
-                gauge.set(i64::from(matches!(validation, Validation::Ok { .. })));
+                let ok = i64::from(matches!(validation, Validation::Ok { .. }));
+                metrics.validation_ok.with(&connector.labels, |g| g.set(ok));
                 if let Validation::Failed { error, .. } = &validation {
                     tracing::warn!(org = %connector.org, connector = %connector.name, %error, "connector validation failed");
                 }

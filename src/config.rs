@@ -57,6 +57,8 @@ impl fmt::Debug for EncryptionKey {
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// `Authorization: Bearer` token every admin request but `/healthz` and `/readyz` needs.
+    pub admin_token: Option<Secret>,
     pub connector_header: HeaderName,
     pub org_header: HeaderName,
     pub max_connectors_per_org: usize,

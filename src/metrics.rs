@@ -1,7 +1,9 @@
 //! Metric families, named as DESIGN.md fixes them, in the Prometheus text format.
 
+use std::collections::HashSet;
+use std::hash::Hash;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -68,6 +70,76 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
+/// Label sets that belong to one connector, so that a reload can drop a removed connector's
+/// series.
+pub trait OfConnector {
+    fn org(&self) -> &str;
+    fn connector(&self) -> &str;
+}
+
+macro_rules! of_connector {
+    ($($t:ty),*) => {$(
+        impl OfConnector for $t {
+            fn org(&self) -> &str {
+                &self.org
+            }
+            fn connector(&self) -> &str {
+                &self.connector
+            }
+        }
+    )*};
+}
+of_connector!(RequestLabels, ConnectorLabels, OutcomeLabels, CacheLabels);
+
+/// A [`Family`] whose label sets are also kept in a set, so that the series of a connector a
+/// reload removed can be found and dropped (a `Family` cannot list its series). The set is
+/// written only when a series is created; counting an existing series takes the family's read
+/// lock alone, as a bare `Family` does.
+pub struct ConnectorFamily<S, M, C = fn() -> M> {
+    family: Family<S, M, C>,
+    seen: Mutex<HashSet<S>>,
+}
+
+impl<S, M, C> ConnectorFamily<S, M, C>
+where
+    S: Clone + Hash + Eq + OfConnector,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    fn new(family: Family<S, M, C>) -> Self {
+        Self {
+            family,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Runs `f` on the series of `labels`, creating it first where needed.
+    pub fn with<R>(&self, labels: &S, f: impl FnOnce(&M) -> R) -> R {
+        if let Some(metric) = self.family.get(labels) {
+            return f(&metric);
+        }
+        // Created under the set's lock, so that a `retain` running meanwhile either drops the
+        // series together with its entry or sees neither: no series escapes the set.
+        let metric = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.insert(labels.clone());
+            self.family.get_or_create(labels)
+        };
+        f(&metric)
+    }
+
+    /// Drops every series whose org and connector `keep` refuses.
+    pub fn retain(&self, keep: &dyn Fn(&str, &str) -> bool) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|labels| {
+            let kept = keep(labels.org(), labels.connector());
+            if !kept {
+                self.family.remove(labels);
+            }
+            kept
+        });
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterOpLabels {
     /// `get`, `set`, `lock`, `renew`, `unlock`, `delete`.
@@ -88,14 +160,14 @@ pub struct VersionLabels {
 
 pub struct Metrics {
     registry: Registry,
-    pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<ConnectorLabels, Histogram>,
+    pub requests: ConnectorFamily<RequestLabels, Counter>,
+    pub request_duration: ConnectorFamily<ConnectorLabels, Histogram, fn() -> Histogram>,
     pub inflight: Gauge,
-    pub token_requests: Family<OutcomeLabels, Counter>,
-    pub token_cache: Family<CacheLabels, Counter>,
-    pub token_rejections: Family<OutcomeLabels, Counter>,
-    pub token_expiry: Family<ConnectorLabels, Gauge<f64, AtomicU64>>,
-    pub validation_ok: Family<ConnectorLabels, Gauge>,
+    pub token_requests: ConnectorFamily<OutcomeLabels, Counter>,
+    pub token_cache: ConnectorFamily<CacheLabels, Counter>,
+    pub token_rejections: ConnectorFamily<OutcomeLabels, Counter>,
+    pub token_expiry: ConnectorFamily<ConnectorLabels, Gauge<f64, AtomicU64>>,
+    pub validation_ok: ConnectorFamily<ConnectorLabels, Gauge>,
     pub config_reloads: Family<ReloadLabels, Counter>,
     pub cluster_up: Gauge,
     pub cluster_operations: Family<ClusterOpLabels, Counter>,
@@ -189,27 +261,133 @@ impl Metrics {
         registry.register("build_info", "Build information", build_info);
         Self {
             registry,
-            requests,
-            request_duration,
+            requests: ConnectorFamily::new(requests),
+            request_duration: ConnectorFamily::new(request_duration),
             inflight,
-            token_requests,
-            token_cache,
-            token_rejections,
-            token_expiry,
-            validation_ok,
+            token_requests: ConnectorFamily::new(token_requests),
+            token_cache: ConnectorFamily::new(token_cache),
+            token_rejections: ConnectorFamily::new(token_rejections),
+            token_expiry: ConnectorFamily::new(token_expiry),
+            validation_ok: ConnectorFamily::new(validation_ok),
             config_reloads,
             cluster_up,
             cluster_operations,
         }
     }
 
-    /// The whole registry in the Prometheus text format.
-    pub fn encode(&self) -> String {
+    /// The whole registry in `format`.
+    pub fn encode(&self, format: Format) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text => openmetrics_to_text(&out),
+        }
     }
+
+    /// Drops the series of every connector `keep` refuses, in every per-connector family. The
+    /// labels of requests that named no configured connector (empty org and connector) stay.
+    pub fn retain_connectors(&self, keep: &dyn Fn(&str, &str) -> bool) {
+        let keep = |org: &str, connector: &str| {
+            (org.is_empty() && connector.is_empty()) || keep(org, connector)
+        };
+        self.requests.retain(&keep);
+        self.request_duration.retain(&keep);
+        self.token_requests.retain(&keep);
+        self.token_cache.retain(&keep);
+        self.token_rejections.retain(&keep);
+        self.token_expiry.retain(&keep);
+        self.validation_ok.retain(&keep);
+    }
+}
+
+/// The two text formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `text/plain; version=0.0.4`, the Prometheus text format: the default.
+    Text,
+    /// `application/openmetrics-text; version=1.0.0`, when the scraper's `Accept` prefers it.
+    OpenMetrics,
+}
+
+impl Format {
+    /// OpenMetrics when `Accept` rates it above zero and at least as high as `text/plain`
+    /// (Prometheus asks for it first); the Prometheus text format otherwise, `*/*` included.
+    pub fn negotiate(accept: Option<&[u8]>) -> Self {
+        let Some(accept) = accept.and_then(|a| std::str::from_utf8(a).ok()) else {
+            return Self::Text;
+        };
+        let (mut open, mut text) = (0.0_f32, 0.0_f32);
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => open = open.max(q),
+                "text/plain" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if open > 0.0 && open >= text {
+            Self::OpenMetrics
+        } else {
+            Self::Text
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// The OpenMetrics text `prometheus-client` writes, in the Prometheus text format 0.0.4: a
+/// counter's `# HELP` and `# TYPE` name its `_total` series, `# UNIT` and `# EOF` go, and help
+/// texts unescape `\"` (0.0.4 escapes only `\\` and newlines there). Samples are the same in both.
+fn openmetrics_to_text(open: &str) -> String {
+    let mut out = String::with_capacity(open.len());
+    let mut help: Option<&str> = None;
+    for line in open.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some(pending) = help.replace(rest) {
+                push_help(&mut out, pending, "");
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let counter = rest.ends_with(" counter");
+            let suffix = if counter { "_total" } else { "" };
+            if let Some(pending) = help.take() {
+                push_help(&mut out, pending, suffix);
+            }
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            out.push_str(&format!("# TYPE {name}{suffix} {kind}\n"));
+            continue;
+        }
+        if let Some(pending) = help.take() {
+            push_help(&mut out, pending, "");
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+fn push_help(out: &mut String, help: &str, suffix: &str) {
+    let (name, text) = help.split_once(' ').unwrap_or((help, ""));
+    out.push_str(&format!(
+        "# HELP {name}{suffix} {}\n",
+        text.replace("\\\"", "\"")
+    ));
 }
 
 pub fn connector_labels(org: &str, connector: &str) -> ConnectorLabels {

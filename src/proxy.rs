@@ -18,7 +18,6 @@ use http::uri::Scheme;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::{Body as _, Incoming};
-use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
 use crate::body::IdleTimeout;
@@ -28,10 +27,11 @@ use crate::error::{self, ProxyError};
 use crate::forward::{ReceivedBody, Upstream};
 use crate::metrics::{Code, ConnectorLabels, Metrics, RequestLabels};
 use crate::registry::{Connector, Org, Registry};
-use crate::secret::Secret;
+use crate::secret;
 use body::{InflightGuard, ResponseBody};
 use headers::{Header, request_id, rewrite_response_headers, single_header, text};
 pub use headers::{X_REQUEST_ID, rewrite_request_headers, strip_hop_by_hop};
+use prometheus_client::metrics::counter::Counter;
 use replay::{Kept, ReplayBudget};
 
 /// Everything a request needs that a reload may replace. Swapped whole; a request keeps the
@@ -178,11 +178,11 @@ impl Proxy {
             connector: labels.connector.clone(),
             code: code.map_or(Code::Status(status), Code::Error),
         };
-        self.metrics.requests.get_or_create(&counted).inc();
+        self.metrics.requests.with(&counted, Counter::inc);
+        let seconds = elapsed.as_secs_f64();
         self.metrics
             .request_duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
+            .with(&labels, |h| h.observe(seconds));
         tracing::info!(
             target: "connector_proxy::access",
             request_id = %id,
@@ -358,24 +358,11 @@ fn authenticate(org: &Org, headers: &HeaderMap) -> Result<(), ProxyError> {
     };
     // Exactly one: with two, which one a hop in between would have checked is anyone's guess.
     let presented = match single_header(headers, &header::PROXY_AUTHORIZATION) {
-        Header::One(value) => Some(text(value)),
+        Header::One(value) => secret::bearer_token(value.as_bytes()),
         Header::Missing | Header::Many => None,
     };
-    let presented = presented
-        .as_deref()
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
     match presented {
-        Some(token) if tokens_match(token, expected) => Ok(()),
+        Some(token) if expected.matches(token) => Ok(()),
         _ => Err(ProxyError::ProxyAuthRequired),
     }
-}
-
-/// Constant-time in the token's content; only its length can be learnt from timing.
-fn tokens_match(presented: &str, expected: &Secret) -> bool {
-    presented
-        .as_bytes()
-        .ct_eq(expected.expose().as_bytes())
-        .into()
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
+use subtle::ConstantTimeEq;
 
 /// A secret value, loaded once at configuration time.
 #[derive(Clone, PartialEq, Eq)]
@@ -22,6 +23,22 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `presented` is this secret. Constant-time in the content; only the length can
+    /// be learnt from timing.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        presented.ct_eq(self.0.as_bytes()).into()
+    }
+}
+
+/// The token of an `Authorization`-style value `Bearer <token>` (the scheme in any case), or
+/// `None` when it has another scheme or none.
+pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, token) = value.split_at(space);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| token.trim_ascii())
 }
 
 impl fmt::Debug for Secret {

@@ -25,6 +25,7 @@ fn check(path: &Path) -> (bool, String, String) {
         .arg(path)
         .env_remove("CONNECTOR_PROXY_CONFIG")
         .env("CONNECTOR_PROXY_DEMO_TOKEN", "container-inbound")
+        .env("CONNECTOR_PROXY_ADMIN_TOKEN", "container-admin")
         .env_remove("CONNECTOR_PROXY_TEST_UNSET_PASSWORD")
         .output()
         .unwrap();
@@ -108,6 +109,7 @@ fn valid_configs_pass_and_list_connectors_without_secrets() {
             "legacy-password",
             "acme-inbound",
             "container-inbound",
+            "container-admin",
         ] {
             assert!(
                 !stdout.contains(secret) && !stderr.contains(secret),

@@ -584,3 +584,239 @@ async fn the_health_subcommand_asks_the_admin_listener() {
             .unwrap()
     );
 }
+
+const ADMIN_TOKEN: &str = "adm1n-t0ken-5ecret";
+
+async fn admin_with(
+    proxy: &Proxy,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> common::Answer {
+    send(proxy.admin, method, path, headers, Bytes::new()).await
+}
+
+#[tokio::test]
+async fn the_admin_token_guards_every_admin_path_but_the_probes() {
+    let world = World::new().await;
+    let server = format!("admin_token = \"{ADMIN_TOKEN}\"");
+    let proxy = world.start(&world.config(&server, ""));
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let lower = format!("bearer {ADMIN_TOKEN}");
+    let wrong = format!("Bearer {ADMIN_TOKEN}x");
+    for (method, path) in [
+        ("GET", "/metrics"),
+        ("GET", "/status"),
+        ("POST", "/reload"),
+        ("GET", "/nope"),
+    ] {
+        for headers in [
+            vec![],
+            vec![("authorization", wrong.as_str())],
+            vec![("authorization", "Basic YWRtaW46YWRtaW4=")],
+            // Two: which one a hop in between checked is anyone's guess.
+            vec![
+                ("authorization", bearer.as_str()),
+                ("authorization", wrong.as_str()),
+            ],
+        ] {
+            let answer = admin_with(&proxy, method, path, &headers).await;
+            assert_eq!(
+                answer.status, 401,
+                "{method} {path} {headers:?}: {answer:?}"
+            );
+            assert_eq!(answer.headers["www-authenticate"], "Bearer");
+            assert_eq!(answer.json()["error"], "admin_auth_required");
+            assert!(!String::from_utf8_lossy(&answer.body).contains(ADMIN_TOKEN));
+        }
+    }
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(admin(&proxy, "GET", path).await.status, 200, "{path}");
+    }
+    let status = admin_with(&proxy, "GET", "/status", &[("authorization", &bearer)]).await;
+    assert_eq!(status.status, 200);
+    assert_eq!(status.json()["orgs"][0]["org"], "acme");
+    let metrics = admin_with(&proxy, "GET", "/metrics", &[("authorization", &lower)]).await;
+    assert_eq!(metrics.status, 200);
+    assert_eq!(
+        admin_with(&proxy, "GET", "/nope", &[("authorization", &bearer)])
+            .await
+            .status,
+        404
+    );
+
+    // A reload rotates the token: the old one opened this reload, the new one opens the next.
+    let rotated = "r0tated-adm1n-t0ken";
+    let path = proxy.dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        world.config(&format!("admin_token = \"{rotated}\""), ""),
+    )
+    .unwrap();
+    let reload = admin_with(&proxy, "POST", "/reload", &[("authorization", &bearer)]).await;
+    assert_eq!(reload.status, 200, "{reload:?}");
+    assert_eq!(
+        admin_with(&proxy, "GET", "/status", &[("authorization", &bearer)])
+            .await
+            .status,
+        401
+    );
+    let new = format!("Bearer {rotated}");
+    assert_eq!(
+        admin_with(&proxy, "GET", "/status", &[("authorization", &new)])
+            .await
+            .status,
+        200
+    );
+    let log = proxy.log_text();
+    assert!(
+        !log.contains(ADMIN_TOKEN) && !log.contains(rotated),
+        "a token in the log"
+    );
+}
+
+/// Every series that names `connector`, by metric name.
+fn series_of(samples: &metrics::Samples, connector: &str) -> Vec<String> {
+    let mut names: Vec<String> = samples
+        .keys()
+        .filter(|(_, labels)| {
+            labels
+                .iter()
+                .any(|(k, v)| k == "connector" && v == connector)
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[tokio::test]
+async fn a_reload_drops_the_series_of_removed_connectors() {
+    let world = World::new().await;
+    let extra = "[orgs.acme.connectors.gone-oauth]\nauth = \"oauth2\"\ngrant = \"client_credentials\"\n\
+        resource_domain = \"https://crm.example.com\"\ntoken_url = \"https://login.example.com/oauth2/token\"\n\
+        client_id = \"flow-engine\"\nclient_secret = \"client-5ecret-0ps\"\n\
+        [orgs.acme.connectors.gone-basic]\nauth = \"basic\"\nresource_domain = \"https://crm.example.com\"\n\
+        username = \"svc\"\npassword = \"p\"\nvalidation_url = \"https://crm.example.com/whoami\"\n";
+    let proxy = world.start(&world.config("", extra));
+    for connector in ["gone-oauth", "gone-basic", "crm"] {
+        for target in ["/ok", "/status/503", "https://elsewhere.example.com/"] {
+            get(proxy.addr, target, &[("x-connector-name", connector)]).await;
+        }
+    }
+    let validated = common::eventually(Duration::from_secs(10), async || {
+        let m = metrics::fetch(proxy.admin).await;
+        metric(
+            &m,
+            "connector_proxy_validation_ok",
+            &[("org", "acme"), ("connector", "gone-basic")],
+        ) == Some(1.0)
+    })
+    .await;
+    assert!(validated, "gone-basic was never validated");
+    let before = metrics::fetch(proxy.admin).await;
+    let oauth_series = series_of(&before, "gone-oauth");
+    for name in [
+        "connector_proxy_requests_total",
+        "connector_proxy_request_duration_seconds",
+        "connector_proxy_token_requests_total",
+        "connector_proxy_token_cache_total",
+        "connector_proxy_token_expiry_seconds",
+    ] {
+        assert!(
+            oauth_series.iter().any(|n| n == name),
+            "{name} not in {oauth_series:?}"
+        );
+    }
+    assert!(
+        series_of(&before, "gone-basic")
+            .iter()
+            .any(|n| n == "connector_proxy_validation_ok")
+    );
+    let crm_before = series_of(&before, "crm");
+
+    std::fs::write(proxy.dir.path().join("proxy.toml"), world.config("", "")).unwrap();
+    assert_eq!(admin(&proxy, "POST", "/reload").await.status, 200);
+    let after = metrics::fetch(proxy.admin).await;
+    assert_eq!(series_of(&after, "gone-oauth"), Vec::<String>::new());
+    assert_eq!(series_of(&after, "gone-basic"), Vec::<String>::new());
+    // The connectors that stay keep their series and counts.
+    assert_eq!(series_of(&after, "crm"), crm_before);
+    let ok = [("org", "acme"), ("connector", "crm"), ("code", "200")];
+    assert_eq!(
+        metric(&after, "connector_proxy_requests_total", &ok),
+        metric(&before, "connector_proxy_requests_total", &ok)
+    );
+}
+
+#[tokio::test]
+async fn metrics_speak_prometheus_text_unless_openmetrics_is_asked_for() {
+    let world = World::new().await;
+    let proxy = world.start(&world.config("", ""));
+    get(proxy.addr, "/ok", &[("x-connector-name", "crm")]).await;
+    // What Prometheus 2 and 3 send, and what plain clients send.
+    let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+    for (accept, openmetrics) in [
+        (None, false),
+        (Some("*/*"), false),
+        (Some("text/plain"), false),
+        (
+            Some("application/openmetrics-text;q=0.1, text/plain;q=0.5"),
+            false,
+        ),
+        (Some("application/openmetrics-text;q=0"), false),
+        (Some(prometheus), true),
+        (Some("application/openmetrics-text; version=1.0.0"), true),
+    ] {
+        let headers: Vec<(&str, &str)> = accept.map(|a| ("accept", a)).into_iter().collect();
+        let answer = admin_with(&proxy, "GET", "/metrics", &headers).await;
+        let content_type = answer.headers["content-type"].to_str().unwrap();
+        let body = std::str::from_utf8(&answer.body).unwrap();
+        if openmetrics {
+            assert!(
+                content_type.starts_with("application/openmetrics-text; version=1.0.0"),
+                "{accept:?}: {content_type}"
+            );
+            assert!(body.ends_with("# EOF\n"), "{accept:?}");
+            assert!(
+                body.contains("# TYPE connector_proxy_requests counter\n"),
+                "{accept:?}"
+            );
+        } else {
+            assert!(
+                content_type.starts_with("text/plain; version=0.0.4"),
+                "{accept:?}: {content_type}"
+            );
+            assert!(!body.contains("# EOF"), "{accept:?}");
+            assert!(!body.contains("# UNIT"), "{accept:?}");
+            assert!(
+                body.contains("# HELP connector_proxy_requests_total Requests answered"),
+                "{accept:?}"
+            );
+            assert!(
+                body.contains("# TYPE connector_proxy_requests_total counter\n"),
+                "{accept:?}"
+            );
+            assert!(
+                body.contains("# TYPE connector_proxy_inflight_requests gauge\n"),
+                "{accept:?}"
+            );
+            assert!(
+                body.contains("# TYPE connector_proxy_request_duration_seconds histogram\n"),
+                "{accept:?}"
+            );
+        }
+        // Both parse, with the same sample.
+        let samples = metrics::scrape(body);
+        assert_eq!(
+            metric(
+                &samples,
+                "connector_proxy_requests_total",
+                &[("org", "acme"), ("connector", "crm"), ("code", "200")]
+            ),
+            Some(1.0),
+            "{accept:?}"
+        );
+    }
+}

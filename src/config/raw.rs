@@ -71,6 +71,7 @@ impl Default for RawCluster {
 pub struct RawServer {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    pub admin_token: Option<Spanned<SecretSource>>,
     pub connector_header: Spanned<String>,
     pub org_header: Spanned<String>,
     pub max_connectors_per_org: usize,
@@ -85,6 +86,7 @@ impl Default for RawServer {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            admin_token: None,
             connector_header: Spanned::new(0..0, "x-connector-name".into()),
             org_header: Spanned::new(0..0, "x-org-id".into()),
             max_connectors_per_org: 10,

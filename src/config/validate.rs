@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::Path;
+use std::time::Duration;
 
 use http::{HeaderName, Uri};
 use ipnet::IpNet;
@@ -18,25 +19,47 @@ use super::raw::{
 use super::*;
 use crate::secret::SecretSource;
 
+/// Token request fields the proxy sets itself, which `extra_params` may not replace.
+const PROXY_SET_PARAMS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "client_assertion",
+    "client_assertion_type",
+    "username",
+    "password",
+    "refresh_token",
+    "scope",
+];
+
 struct Validator<'a> {
     text: &'a str,
+    /// The parsed document, for the position of a key in its own table.
+    root: toml::de::DeTable<'a>,
     dir: &'a Path,
     problems: Vec<Problem>,
     /// The connector being validated, where a problem about a missing key points.
     here: Option<Range<usize>>,
+    /// Its table's path, `["orgs", org, "connectors", name]`, where its keys are looked up.
+    here_path: Vec<String>,
 }
 
 pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut v = Validator {
         text,
+        root: toml::de::DeTable::new(),
         dir,
         problems: Vec::new(),
         here: None,
+        here_path: Vec::new(),
     };
     let mut unknown = Vec::new();
-    let parsed = toml::de::Deserializer::parse(text)
-        .and_then(|de| serde_ignored::deserialize(de, |path| unknown.push(segments(&path))));
+    let parsed = toml::de::DeTable::parse(text).and_then(|document| {
+        v.root = document.get_ref().clone();
+        let de = toml::de::Deserializer::from(document);
+        serde_ignored::deserialize(de, |path| unknown.push(segments(&path)))
+    });
     let raw: RawConfig = match parsed {
         Ok(raw) => raw,
         Err(e) => {
@@ -49,6 +72,13 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
     }
     let server = v.server(&raw.server);
     let upstream = v.upstream(&raw.upstream);
+    v.nonzero(
+        "oauth",
+        &[
+            ("token_timeout", raw.oauth.token_timeout.0, "10s"),
+            ("default_expires_in", raw.oauth.default_expires_in.0, "300s"),
+        ],
+    );
     let oauth = OAuthSettings {
         refresh_before_expiry: raw.oauth.refresh_before_expiry.0,
         default_expires_in: raw.oauth.default_expires_in.0,
@@ -165,6 +195,7 @@ impl Validator<'_> {
             ["server"] => &[
                 "listen",
                 "admin_listen",
+                "admin_token",
                 "connector_header",
                 "org_header",
                 "max_connectors_per_org",
@@ -204,7 +235,7 @@ impl Validator<'_> {
             None if known.is_empty() => "remove it".to_owned(),
             None => format!("remove it; the keys here are {}", known.join(", ")),
         };
-        let position = self.key_offset(key_name).map(|o| o..o + key_name.len());
+        let position = self.key_span(path);
         self.problem(
             position,
             &place,
@@ -212,28 +243,21 @@ impl Validator<'_> {
         );
     }
 
-    /// Where `key = ` first starts a line (or follows `{`/`,` in an inline table).
-    fn key_offset(&self, key_name: &str) -> Option<usize> {
-        let mut offset = 0;
-        for line in self.text.split_inclusive('\n') {
-            let trimmed = line.trim_start();
-            let rest = trimmed.strip_prefix(key_name).or_else(|| {
-                let i = line.find(&format!(" {key_name}"))?;
-                let before = line[..i].trim_end();
-                (before.ends_with('{') || before.ends_with(','))
-                    .then(|| &line[i + 1 + key_name.len()..])
-            });
-            if rest.is_some_and(|r| r.trim_start().starts_with('=')) {
-                let column = if trimmed.starts_with(key_name) {
-                    line.len() - trimmed.len()
-                } else {
-                    line.find(key_name)?
-                };
-                return Some(offset + column);
-            }
-            offset += line.len();
+    /// Where the key at `path` (table names, then the key) is written in the file: in its own
+    /// table, so that two connectors with the same key are told apart.
+    fn key_span<S: AsRef<str>>(&self, path: &[S]) -> Option<Range<usize>> {
+        use toml::de::DeValue;
+        let (last, tables) = path.split_last()?;
+        let mut table = &self.root;
+        for name in tables {
+            let (_, value) = table.iter().find(|(k, _)| k.get_ref() == name.as_ref())?;
+            table = match value.get_ref() {
+                DeValue::Table(inner) => inner,
+                _ => return None,
+            };
         }
-        None
+        let (key, _) = table.iter().find(|(k, _)| k.get_ref() == last.as_ref())?;
+        Some(key.span())
     }
 
     fn header_name(&mut self, value: &Spanned<String>, place: &str) -> Option<HeaderName> {
@@ -249,33 +273,78 @@ impl Validator<'_> {
         }
     }
 
+    /// A problem about the key at `path` (tables, then the key), placed where it is written.
+    fn key_problem(&mut self, path: &[&str], message: impl Into<String>) {
+        let span = self.key_span(path);
+        let (_, tables) = path.split_last().unwrap_or((&"", &[]));
+        let place = if tables.is_empty() {
+            String::new()
+        } else {
+            path.iter().map(|p| key(p)).collect::<Vec<_>>().join(".")
+        };
+        self.problem(span, &place, message);
+    }
+
+    /// Durations that must not be zero: a zero timeout would fail every request at once, a
+    /// zero grace would cut every request in flight at shutdown.
+    fn nonzero(&mut self, table: &str, fields: &[(&str, Duration, &str)]) {
+        for (field, value, example) in fields {
+            if value.is_zero() {
+                self.key_problem(
+                    &[table, field],
+                    format!("must be longer than zero; write a duration such as \"{example}\""),
+                );
+            }
+        }
+    }
+
     fn server(&mut self, raw: &RawServer) -> Option<ServerSettings> {
         let connector_header = self.header_name(&raw.connector_header, "server.connector_header");
         let org_header = self.header_name(&raw.org_header, "server.org_header");
+        if connector_header.is_some() && connector_header == org_header {
+            self.problem(Some(raw.org_header.span()), "server.org_header", format!(
+                "is the same header as server.connector_header ({:?}): one header cannot name both \
+                 the org and the connector; use the defaults \"x-org-id\" and \"x-connector-name\"",
+                raw.org_header.get_ref()
+            ));
+        }
         if raw.max_concurrent_requests == 0 {
-            self.problem(None, "server.max_concurrent_requests", "must be at least 1");
+            self.key_problem(&["server", "max_concurrent_requests"], "must be at least 1");
         }
         if raw.max_connectors_per_org == 0 {
-            self.problem(None, "server.max_connectors_per_org", "must be at least 1");
+            self.key_problem(&["server", "max_connectors_per_org"], "must be at least 1");
         }
         let max_header_bytes = usize::try_from(raw.max_header_bytes.0).unwrap_or(usize::MAX);
         if max_header_bytes < 8192 {
-            self.problem(
-                None,
-                "server.max_header_bytes",
+            self.key_problem(
+                &["server", "max_header_bytes"],
                 "must be at least \"8KiB\" (8192 bytes)",
             );
         }
-        if raw.header_read_timeout.0.is_zero() {
-            self.problem(
-                None,
-                "server.header_read_timeout",
-                "must be longer than zero, e.g. \"10s\"",
-            );
+        self.nonzero(
+            "server",
+            &[
+                ("header_read_timeout", raw.header_read_timeout.0, "10s"),
+                ("shutdown_grace", raw.shutdown_grace.0, "30s"),
+            ],
+        );
+        let admin_token = raw
+            .admin_token
+            .as_ref()
+            .and_then(|t| self.secret(t, "server", "admin_token"));
+        if raw.admin_token.is_none() && !raw.admin_listen.ip().is_loopback() {
+            let span = self.key_span(&["server", "admin_listen"]);
+            self.problem(span, "server.admin_listen", format!(
+                "{} is not a loopback address, so the admin listener (/status, POST /reload) needs \
+                 server.admin_token; add admin_token = {{ env = \"CONNECTOR_PROXY_ADMIN_TOKEN\" }} \
+                 or listen on 127.0.0.1",
+                raw.admin_listen
+            ));
         }
         Some(ServerSettings {
             listen: raw.listen,
             admin_listen: raw.admin_listen,
+            admin_token,
             connector_header: connector_header?,
             org_header: org_header?,
             max_connectors_per_org: raw.max_connectors_per_org,
@@ -344,6 +413,13 @@ impl Validator<'_> {
                 )),
             }
         }
+        self.nonzero(
+            "upstream",
+            &[
+                ("connect_timeout", raw.connect_timeout.0, "5s"),
+                ("request_timeout", raw.request_timeout.0, "30s"),
+            ],
+        );
         UpstreamSettings {
             connect_timeout: raw.connect_timeout.0,
             request_timeout: raw.request_timeout.0,
@@ -396,18 +472,13 @@ impl Validator<'_> {
                 }
             }),
         };
-        for (name, value) in [
-            ("lock_ttl", raw.lock_ttl.0),
-            ("redis_timeout", raw.redis_timeout.0),
-        ] {
-            if value.is_zero() {
-                self.problem(
-                    span.clone(),
-                    place,
-                    format!("{name} must be more than zero"),
-                );
-            }
-        }
+        self.nonzero(
+            "cluster",
+            &[
+                ("lock_ttl", raw.lock_ttl.0, "10s"),
+                ("redis_timeout", raw.redis_timeout.0, "250ms"),
+            ],
+        );
         let key_prefix = raw.key_prefix.get_ref();
         if key_prefix.is_empty() {
             self.problem(
@@ -559,7 +630,7 @@ impl Validator<'_> {
             Ok(key) => key,
             Err(_) => {
                 self.problem(
-                    self.here.clone(),
+                    self.connector_key("private_key"),
                     place,
                     "private_key is not an RSA or ECDSA key that can sign client assertions",
                 );
@@ -572,7 +643,12 @@ impl Validator<'_> {
         };
         let alg = wanted.unwrap_or(natural);
         if key.choose_scheme(&[alg.scheme()]).is_none() {
-            self.problem(self.here.clone(), place, format!(
+            let span = self.connector_key(if wanted.is_some() {
+                "client_assertion_alg"
+            } else {
+                "private_key"
+            });
+            self.problem(span, place, format!(
                 "client_assertion_alg {} does not fit private_key; RS256 and PS256 need an RSA key, ES256 a P-256 key",
                 alg.name()
             ));
@@ -585,13 +661,21 @@ impl Validator<'_> {
     fn unused(&mut self, place: &str, context: &str, fields: &[(&str, bool)]) {
         for (field, present) in fields {
             if *present {
+                let span = self.connector_key(field);
                 self.problem(
-                    self.here.clone(),
+                    span,
                     place,
                     format!("{field} does not apply to {context}; remove it"),
                 );
             }
         }
+    }
+
+    /// Where the connector being validated writes `field`; its table where it does not.
+    fn connector_key(&self, field: &str) -> Option<Range<usize>> {
+        let mut path = self.here_path.clone();
+        path.push(field.to_owned());
+        self.key_span(&path).or_else(|| self.here.clone())
     }
 
     fn required<'r, T>(
@@ -621,16 +705,27 @@ impl Validator<'_> {
         let place = format!("orgs.{}.connectors.{}", key(org), key(name));
         let span = raw.span();
         self.here = Some(span.clone());
+        self.here_path = vec!["orgs".into(), org.into(), "connectors".into(), name.into()];
         let c = raw.get_ref();
         let before = self.problems.len();
-        let Some(auth) = &c.auth else {
+        if c.auth.is_none() {
             self.problem(
-                Some(span),
+                Some(span.clone()),
                 &place,
                 "auth is required; add auth = \"basic\" or auth = \"oauth2\"",
             );
-            return None;
-        };
+            // Which keys apply is unknown, but the secrets this connector names can be loaded.
+            for (field, value) in [
+                ("client_secret", &c.client_secret),
+                ("password", &c.password),
+                ("certificate", &c.certificate),
+                ("private_key", &c.private_key),
+            ] {
+                if let Some(source) = value {
+                    self.secret(source, &place, field);
+                }
+            }
+        }
         let resource_domain = match &c.resource_domain {
             None => {
                 self.problem(Some(span.clone()), &place,
@@ -649,11 +744,12 @@ impl Validator<'_> {
                 }
             },
         };
-        let auth = match auth.get_ref() {
-            AuthKind::Basic => self.basic(c, &place),
-            AuthKind::Oauth2 => self
+        let auth = match c.auth.as_ref().map(|a| *a.get_ref()) {
+            Some(AuthKind::Basic) => self.basic(c, &place),
+            Some(AuthKind::Oauth2) => self
                 .oauth2(c, &place)
                 .map(|o| AuthConfig::OAuth2(Box::new(o))),
+            None => None,
         };
         let validation_url = match (&c.validation_url, &resource_domain) {
             (Some(v), Some(domain)) => {
@@ -714,7 +810,7 @@ impl Validator<'_> {
         let username = username.map(|u| u.get_ref().clone());
         if username.as_deref().is_some_and(|u| u.contains(':')) {
             self.problem(
-                self.here.clone(),
+                self.connector_key("username"),
                 place,
                 "username must not contain ':' (HTTP Basic cannot carry it)",
             );
@@ -730,7 +826,7 @@ impl Validator<'_> {
         const CONTEXT: &str = "auth = \"oauth2\"";
         if c.validation_url.is_some() {
             self.problem(
-                self.here.clone(),
+                self.connector_key("validation_url"),
                 place,
                 "validation_url applies to auth = \"basic\"; OAuth connectors are \
                 checked by fetching a token (connector-proxy check --online): remove it",
@@ -843,6 +939,26 @@ impl Validator<'_> {
                     .map(ClientAuth::TlsClientAuth)
             }
         };
+        if let Some(params) = &c.extra_params {
+            for name in params.get_ref().keys() {
+                if PROXY_SET_PARAMS.contains(&name.as_str()) {
+                    let mut path = self.here_path.clone();
+                    path.extend(["extra_params".to_owned(), name.clone()]);
+                    let span = self.key_span(&path).or_else(|| Some(params.span()));
+                    self.problem(span, place, format!(
+                        "extra_params must not set {name:?}: the proxy sets it from the connector's \
+                         own keys ({}); remove it from extra_params",
+                        match name.as_str() {
+                            "grant_type" => "grant",
+                            "client_id" => "client_id",
+                            "client_secret" | "client_assertion" | "client_assertion_type" => "client_auth",
+                            "username" | "password" | "refresh_token" => "grant = \"password\"",
+                            _ => "scope",
+                        }
+                    ));
+                }
+            }
+        }
         Some(OAuthClient {
             token_url: token_url?,
             client_id: client_id?.get_ref().clone(),

@@ -39,6 +39,7 @@ use crate::cluster::{Cluster, Entry, Lock};
 use crate::config::OAuthSettings;
 use crate::metrics::{CacheLabels, ConnectorLabels, Metrics, OutcomeLabels};
 use crate::secret::Secret;
+use prometheus_client::metrics::counter::Counter;
 use token_client::{GrantRequest, Issued, TokenEndpoint, TokenError};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -209,14 +210,13 @@ impl TokenSource {
             connector: self.labels.connector.clone(),
             result,
         };
-        self.metrics.token_cache.get_or_create(&labels).inc();
+        self.metrics.token_cache.with(&labels, Counter::inc);
     }
 
     fn count_request(&self, outcome: &'static str) {
         self.metrics
             .token_requests
-            .get_or_create(&self.outcome(outcome))
-            .inc();
+            .with(&self.outcome(outcome), Counter::inc);
     }
 
     /// This connector's labels with an `outcome`.
@@ -257,8 +257,7 @@ impl TokenSource {
         };
         self.metrics
             .token_rejections
-            .get_or_create(&self.outcome(outcome))
-            .inc();
+            .with(&self.outcome(outcome), Counter::inc);
         verdict
     }
 
