@@ -121,6 +121,15 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
         config.orgs.len(),
         config.connector_count()
     );
+    let admin_token = if config.server.admin_token.is_some() {
+        "admin token set"
+    } else {
+        "no admin token"
+    };
+    println!(
+        "listen {}, admin {} ({admin_token})",
+        config.server.listen, config.server.admin_listen
+    );
     for org in config.orgs.values() {
         let inbound = if org.inbound_token.is_some() {
             "inbound token set"
@@ -132,7 +141,7 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
             let how = match &c.auth {
                 AuthConfig::Basic { username, .. } => format!("basic, username {username}"),
                 AuthConfig::OAuth2(o) => format!(
-                    "oauth2 {} {}, token_url {}",
+                    "oauth2, grant {}, client_auth {}, token_url {}",
                     o.grant_kind().as_str(),
                     o.client_auth.kind().as_str(),
                     o.token_url

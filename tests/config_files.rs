@@ -127,3 +127,42 @@ fn valid_configs_pass_and_list_connectors_without_secrets() {
         assert!(stdout.contains(line), "{line} not in\n{stdout}");
     }
 }
+
+#[test]
+fn version_and_check_are_what_people_try_first() {
+    let out = Command::new(common::binary())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("connector-proxy {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/config/valid/every_kind.toml");
+    let (ok, stdout, stderr) = check(&file);
+    assert!(ok, "{stderr}");
+    let mut lines = stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some(format!("{}: ok, 1 org(s), 3 connector(s)", file.display()).as_str()),
+        "{stdout}"
+    );
+    // One line per connector: auth, grant, client auth, resource domain.
+    let connectors: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("connector "))
+        .collect();
+    assert_eq!(connectors.len(), 3, "{stdout}");
+    for expected in [
+        "connector \"billing\": oauth2, grant client_credentials, client_auth client_secret_post, token_url https://login.example.com/oauth2/token, resource_domain https://billing.example.com/v2",
+        "connector \"legacy\": oauth2, grant password, client_auth client_secret_basic, token_url https://legacy.example.com/oauth/token",
+        "connector \"Contact Center Connector\": basic, username svc-flow, resource_domain https://crm.example.com",
+    ] {
+        assert!(
+            connectors.iter().any(|l| l.contains(expected)),
+            "{expected:?} not in\n{stdout}"
+        );
+    }
+}
