@@ -291,11 +291,13 @@ async fn call(
     Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
 }
 
-/// 24 random bytes in base64: a secret nobody could have written down.
+/// 24 random bytes in URL-safe base64: a secret nobody could have written down, and one that
+/// RFC 6749's form-encoding of client_secret_basic credentials leaves as it is, so that the
+/// token endpoint above can compare the header whole.
 fn random_secret() -> Result<String, Error> {
     let mut bytes = [0u8; 24];
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| "no system randomness")?;
-    Ok(BASE64.encode(bytes))
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
