@@ -51,6 +51,8 @@ struct Loaded {
     oauth: OAuthSettings,
     server: ServerSettings,
     cluster: Option<ClusterSettings>,
+    /// The configuration file and the files it names.
+    files: Vec<PathBuf>,
     at: SystemTime,
 }
 
@@ -92,6 +94,13 @@ impl App {
                 .is_some_and(|token| expected.matches(token)),
             _ => false,
         }
+    }
+
+    /// With `server.reload_on_change`, the files whose change reloads the configuration: the
+    /// file itself and the secret and CA files it names. `None` when it is off.
+    pub fn watched_files(&self) -> Option<Vec<PathBuf>> {
+        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        loaded.server.reload_on_change.then(|| loaded.files.clone())
     }
 
     pub fn loaded_at(&self) -> SystemTime {
@@ -256,6 +265,9 @@ impl Loaded {
             oauth: config.oauth.clone(),
             server: config.server.clone(),
             cluster: config.cluster.clone(),
+            files: std::iter::once(config.path.clone())
+                .chain(config.files.iter().cloned())
+                .collect(),
             at: SystemTime::now(),
         }
     }

@@ -30,6 +30,9 @@ pub struct Config {
     /// `[cluster]`, when replicas share their tokens through Redis.
     pub cluster: Option<ClusterSettings>,
     pub orgs: BTreeMap<String, OrgConfig>,
+    /// The files it was read from besides itself (`{ file = .. }` secrets, `extra_ca_file`),
+    /// which `server.reload_on_change` watches with it.
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +69,8 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
+    /// Reload when the configuration file or a file it names changes, as on SIGHUP.
+    pub reload_on_change: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -3,6 +3,7 @@
 //! flight finish within `server.shutdown_grace`.
 
 mod conn;
+mod reload;
 mod write_timeout;
 
 use std::convert::Infallible;
@@ -85,7 +86,8 @@ impl Server {
         // listener can first be asked.
         self.app.ready.store(true, Ordering::Release);
         let admin = tokio::spawn(serve_admin(self.admin, self.app.clone()));
-        let reloads = tokio::spawn(reload_on_sighup(self.app.clone()));
+        let reloads = tokio::spawn(reload::on_sighup(self.app.clone()));
+        let watcher = tokio::spawn(reload::on_change(self.app.clone(), reload::POLL));
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -155,6 +157,7 @@ impl Server {
         drop(self.listener);
         admin.abort();
         reloads.abort();
+        watcher.abort();
         tracing::info!(grace = ?self.settings.shutdown_grace, "shutting down: listeners closed, draining requests in flight");
         // Every connection's driver holds a receiver: closed() completes when the last is done.
         drop(shutdown_rx);
@@ -188,22 +191,6 @@ async fn serve_admin(listener: TcpListener, app: Arc<App>) {
         });
     }
 }
-
-#[cfg(unix)]
-async fn reload_on_sighup(app: Arc<App>) {
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        tracing::warn!("cannot listen for SIGHUP; reload with POST /reload on the admin listener");
-        return;
-    };
-    while hangups.recv().await.is_some() {
-        tracing::info!("SIGHUP: reloading the configuration");
-        let _ = app.reload().await;
-    }
-}
-
-#[cfg(not(unix))]
-async fn reload_on_sighup(_: Arc<App>) {}
 
 /// Completes on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {

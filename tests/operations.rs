@@ -820,3 +820,99 @@ async fn metrics_speak_prometheus_text_unless_openmetrics_is_asked_for() {
         );
     }
 }
+
+/// `server.reload_on_change`: rewriting the file (as a ConfigMap update does) or a secret file it
+/// names reloads without a signal; a bad rewrite is refused and the old configuration serves.
+#[tokio::test]
+async fn a_changed_configuration_or_secret_file_reloads_without_a_signal() {
+    let world = World::new().await;
+    let rotating = "[orgs.acme.connectors.rotating]\nauth = \"basic\"\nresource_domain = \"https://crm.example.com\"\n\
+        username = \"svc\"\npassword = { file = \"rotating-password\" }\n";
+    let config =
+        |extra: &str| world.config("reload_on_change = true", &format!("{rotating}{extra}"));
+    let proxy = Proxy::start(
+        &config(""),
+        &[
+            ("ca.pem", &world.pki.ca_pem()),
+            ("rotating-password", "first-pa55\n"),
+        ],
+        &[],
+    );
+    let path = proxy.dir.path().join("proxy.toml");
+    let status = async |connector: &str| {
+        get(proxy.addr, "/ok", &[("x-connector-name", connector)])
+            .await
+            .status
+    };
+    assert_eq!(status("added").await, 404);
+
+    let added = "[orgs.acme.connectors.added]\nauth = \"basic\"\nresource_domain = \"https://crm.example.com\"\nusername = \"a\"\npassword = \"b\"\n";
+    std::fs::write(&path, config(added)).unwrap();
+    let served = common::eventually(Duration::from_secs(10), async || {
+        status("added").await == 200
+    })
+    .await;
+    assert!(served, "the rewritten file was not loaded");
+
+    // A bad rewrite: refused once, counted, and the configuration before it serves on.
+    std::fs::write(
+        &path,
+        config("[orgs.acme.connectors.broken]\nauth = \"basic\"\n"),
+    )
+    .unwrap();
+    let refused = common::eventually(Duration::from_secs(10), async || {
+        let m = metrics::fetch(proxy.admin).await;
+        metric(
+            &m,
+            "connector_proxy_config_reloads_total",
+            &[("outcome", "failure")],
+        ) == Some(1.0)
+    })
+    .await;
+    assert!(refused, "the bad rewrite was not tried");
+    assert_eq!(status("added").await, 200, "the old configuration serves");
+    assert!(proxy.log_text().contains("orgs.acme.connectors.broken"));
+
+    // Back to a good file, then a rotated secret file: the connector sends the new password.
+    std::fs::write(&path, config(added)).unwrap();
+    let good = common::eventually(Duration::from_secs(10), async || {
+        let m = metrics::fetch(proxy.admin).await;
+        metric(
+            &m,
+            "connector_proxy_config_reloads_total",
+            &[("outcome", "success")],
+        ) == Some(2.0)
+    })
+    .await;
+    assert!(good, "the mended file was not loaded");
+    let sent = async || {
+        let before = world.crm.seen().len();
+        assert_eq!(status("rotating").await, 200);
+        // Validation requests (to /whoami) may land meanwhile: take this request's.
+        let seen = world.crm.seen();
+        let mine = seen[before..]
+            .iter()
+            .find(|s| s.uri.ends_with("/ok"))
+            .unwrap();
+        mine.headers["authorization"].to_str().unwrap().to_owned()
+    };
+    let basic = |password: &str| {
+        use base64::Engine as _;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("svc:{password}"))
+        )
+    };
+    assert_eq!(sent().await, basic("first-pa55"));
+    std::fs::write(proxy.dir.path().join("rotating-password"), "second-pa55\n").unwrap();
+    let rotated = common::eventually(Duration::from_secs(10), async || {
+        sent().await == basic("second-pa55")
+    })
+    .await;
+    assert!(rotated, "the rotated secret file was not loaded");
+    let log = proxy.log_text();
+    assert!(
+        !log.contains("first-pa55") && !log.contains("second-pa55"),
+        "a secret in the log"
+    );
+}

@@ -79,6 +79,7 @@ pub struct RawServer {
     pub header_read_timeout: HumanDuration,
     pub max_header_bytes: ByteSize,
     pub shutdown_grace: HumanDuration,
+    pub reload_on_change: bool,
 }
 
 impl Default for RawServer {
@@ -94,6 +95,7 @@ impl Default for RawServer {
             header_read_timeout: HumanDuration(Duration::from_secs(10)),
             max_header_bytes: ByteSize(64 * 1024),
             shutdown_grace: HumanDuration(Duration::from_secs(30)),
+            reload_on_change: false,
         }
     }
 }

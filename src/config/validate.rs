@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, Uri};
@@ -42,6 +42,8 @@ struct Validator<'a> {
     here: Option<Range<usize>>,
     /// Its table's path, `["orgs", org, "connectors", name]`, where its keys are looked up.
     here_path: Vec<String>,
+    /// Files read besides the configuration itself.
+    files: Vec<PathBuf>,
 }
 
 pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
@@ -53,6 +55,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
         problems: Vec::new(),
         here: None,
         here_path: Vec::new(),
+        files: Vec::new(),
     };
     let mut unknown = Vec::new();
     let parsed = toml::de::DeTable::parse(text).and_then(|document| {
@@ -103,6 +106,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
             oauth,
             cluster,
             orgs,
+            files: v.files,
         }),
         _ => Err(v.problems),
     }
@@ -203,6 +207,7 @@ impl Validator<'_> {
                 "header_read_timeout",
                 "max_header_bytes",
                 "shutdown_grace",
+                "reload_on_change",
             ],
             ["upstream"] => &[
                 "connect_timeout",
@@ -352,6 +357,7 @@ impl Validator<'_> {
             header_read_timeout: raw.header_read_timeout.0,
             max_header_bytes,
             shutdown_grace: raw.shutdown_grace.0,
+            reload_on_change: raw.reload_on_change,
         })
     }
 
@@ -359,6 +365,7 @@ impl Validator<'_> {
         let mut extra_roots = Vec::new();
         if let Some(file) = &raw.extra_ca_file {
             let path = self.dir.join(file.get_ref());
+            self.files.push(path.clone());
             match std::fs::read(&path) {
                 Ok(pem) => {
                     extra_roots = CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
@@ -502,6 +509,9 @@ impl Validator<'_> {
         place: &str,
         field: &str,
     ) -> Option<Secret> {
+        if let SecretSource::File(path) = source.get_ref() {
+            self.files.push(self.dir.join(path));
+        }
         match source.get_ref().load(self.dir) {
             Ok(secret) => Some(secret),
             Err(e) => {
