@@ -118,7 +118,7 @@ impl Cluster {
             }),
             metrics,
         });
-        cluster.metrics.cluster_up.set(0);
+        cluster.metrics.set_cluster_up(false);
         cluster.reconnect();
         Ok(cluster)
     }
@@ -333,7 +333,7 @@ impl Cluster {
                 tracing::info!("Redis answers: tokens are shared with the other replicas");
                 health.up = true;
                 health.since = SystemTime::now();
-                self.metrics.cluster_up.set(1);
+                self.metrics.set_cluster_up(true);
             }
             Ok(()) => {}
             Err(e) => {
@@ -342,7 +342,7 @@ impl Cluster {
                     tracing::warn!(error = %message, "Redis is down: this replica serves alone until it answers again");
                     health.up = false;
                     health.since = SystemTime::now();
-                    self.metrics.cluster_up.set(0);
+                    self.metrics.set_cluster_up(false);
                 }
                 health.last_error = Some(message);
             }

@@ -169,7 +169,9 @@ pub struct Metrics {
     pub token_expiry: ConnectorFamily<ConnectorLabels, Gauge<f64, AtomicU64>>,
     pub validation_ok: ConnectorFamily<ConnectorLabels, Gauge>,
     pub config_reloads: Family<ReloadLabels, Counter>,
-    pub cluster_up: Gauge,
+    /// One series once `[cluster]` starts, none without it: 0 would read as "down" for a
+    /// replica that shares nothing by design.
+    cluster_up: Family<Vec<(&'static str, &'static str)>, Gauge>,
     pub cluster_operations: Family<ClusterOpLabels, Counter>,
 }
 
@@ -235,12 +237,17 @@ impl Metrics {
             validation_ok.clone(),
         );
         let config_reloads = Family::<ReloadLabels, Counter>::default();
+        // Both outcomes from the start, at zero: a first failure is then an increase that
+        // `increase()` and the reload alert can see.
+        for outcome in ["success", "failure"] {
+            config_reloads.get_or_create(&ReloadLabels { outcome });
+        }
         registry.register(
             "config_reloads",
             "Configuration reloads, by outcome",
             config_reloads.clone(),
         );
-        let cluster_up = Gauge::default();
+        let cluster_up = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
         registry.register(
             "cluster_up",
             "1 while Redis answers ([cluster]), else 0: the replica serves alone",
@@ -273,6 +280,13 @@ impl Metrics {
             cluster_up,
             cluster_operations,
         }
+    }
+
+    /// `connector_proxy_cluster_up`: 1 while Redis answers, else 0.
+    pub fn set_cluster_up(&self, up: bool) {
+        self.cluster_up
+            .get_or_create(&Vec::new())
+            .set(i64::from(up));
     }
 
     /// The whole registry in `format`.

@@ -809,6 +809,8 @@ async fn metrics_speak_prometheus_text_unless_openmetrics_is_asked_for() {
         }
         // Both parse, with the same sample.
         let samples = metrics::scrape(body);
+        // Without [cluster] there is no cluster to be up or down.
+        assert_eq!(metric(&samples, "connector_proxy_cluster_up", &[]), None);
         assert_eq!(
             metric(
                 &samples,
