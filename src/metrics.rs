@@ -240,7 +240,7 @@ impl Metrics {
         // Both outcomes from the start, at zero: a first failure is then an increase that
         // `increase()` and the reload alert can see.
         for outcome in ["success", "failure"] {
-            config_reloads.get_or_create(&ReloadLabels { outcome });
+            drop(config_reloads.get_or_create(&ReloadLabels { outcome }));
         }
         registry.register(
             "config_reloads",
