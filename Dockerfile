@@ -13,7 +13,8 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/connector-proxy /usr/local/bin/connector-proxy
 COPY config/container.toml /etc/connector-proxy/proxy.toml
 ENV CONNECTOR_PROXY_CONFIG=/etc/connector-proxy/proxy.toml
-USER nonroot:nonroot
+# distroless nonroot: numeric, so that Kubernetes runAsNonRoot can check it.
+USER 65532:65532
 # 8080: the proxy listener; 9090: /metrics /healthz /readyz /status /reload.
 EXPOSE 8080 9090
 # The image has no shell or curl: the binary asks its own admin listener.

@@ -244,7 +244,9 @@ client_secret = "client-5ecret"
     );
 
     // The template variables' label values, and the alert rules loaded and evaluating.
-    let orgs = prometheus.get("/api/v1/label/org/values?match[]=connector_proxy_requests_total").await;
+    let orgs = prometheus
+        .get("/api/v1/label/org/values?match[]=connector_proxy_requests_total")
+        .await;
     let orgs: serde_json::Value = serde_json::from_slice(&orgs).unwrap();
     assert!(
         orgs["data"].as_array().unwrap().contains(&"acme".into()),
