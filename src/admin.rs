@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::app::App;
 use crate::config::AuthConfig;
 use crate::credentials::Credentials;
-use crate::metrics::Format;
+use crate::metrics::{Format, RequestCounts};
 use crate::registry::{Connector, Validation};
 
 pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Full<Bytes>> {
@@ -27,9 +27,17 @@ pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Full<Bytes>> 
                 "message": "this admin listener needs Authorization: Bearer <server.admin_token>",
             }),
         );
+        // The status page is opened in a browser, which prompts for Basic credentials: the
+        // token goes in as the password (any user name), and the browser then sends it with
+        // the page's own requests to /status.
+        let challenge = if request.uri().path() == "/" {
+            "Basic realm=\"connector-proxy admin: the password is server.admin_token\", charset=\"UTF-8\""
+        } else {
+            "Bearer"
+        };
         response
             .headers_mut()
-            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         return response;
     }
     match (request.method(), request.uri().path()) {
@@ -42,6 +50,17 @@ pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Full<Bytes>> 
                 format.content_type(),
                 app.metrics.encode(format),
             )
+        }
+        (&Method::GET, "/") => {
+            let mut page = text(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE.into());
+            // Everything the page needs is in it and its requests to /status.
+            page.headers_mut().insert(
+                http::header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+                ),
+            );
+            page
         }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => {
@@ -66,7 +85,7 @@ pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Full<Bytes>> 
                 &json!({ "reloaded": false, "errors": errors }),
             ),
         },
-        (_, "/metrics" | "/healthz" | "/readyz" | "/status" | "/reload") => text(
+        (_, "/" | "/metrics" | "/healthz" | "/readyz" | "/status" | "/reload") => text(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "method not allowed\n".into(),
@@ -74,7 +93,7 @@ pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Full<Bytes>> 
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /metrics, /healthz, /readyz, /status or POST /reload\n".into(),
+            "not found; try / (the status page), /metrics, /healthz, /readyz, /status or POST /reload\n".into(),
         ),
     }
 }
@@ -100,6 +119,8 @@ fn unix(at: SystemTime) -> f64 {
 /// field through which a secret could pass.
 fn status(app: &App) -> Value {
     let routes = app.proxy.routes();
+    let mut totals = app.metrics.request_counts();
+    let (window, mut recent) = app.metrics.recent_request_counts();
     let orgs: Vec<Value> = routes
         .registry
         .orgs()
@@ -108,7 +129,7 @@ fn status(app: &App) -> Value {
             json!({
                 "org": &*org.name,
                 "inbound_token": org.inbound_token.is_some(),
-                "connectors": org.connectors().into_iter().map(|c| connector_status(c)).collect::<Vec<_>>(),
+                "connectors": org.connectors().into_iter().map(|c| connector_status(c, &mut totals, &mut recent)).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -116,6 +137,7 @@ fn status(app: &App) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "config": app.config_path,
         "loaded_at": unix(app.loaded_at()),
+        "recent_seconds": window.as_secs(),
         "orgs": orgs,
     });
     if let Some(cluster) = &app.cluster {
@@ -130,7 +152,14 @@ fn status(app: &App) -> Value {
     out
 }
 
-fn connector_status(c: &Connector) -> Value {
+/// The status page: one file, no external assets, refreshed from `/status`.
+const STATUS_PAGE: &str = include_str!("admin/status.html");
+
+fn connector_status(
+    c: &Connector,
+    totals: &mut RequestCounts,
+    recent: &mut RequestCounts,
+) -> Value {
     let mut out = json!({
         "connector": c.name,
         "auth": c.config.auth.kind(),
@@ -151,6 +180,9 @@ fn connector_status(c: &Connector) -> Value {
             out["last_error"] = json!({ "message": error, "at": status.last_error_at.map(unix) });
         }
     }
+    let key = (c.labels.org.clone(), c.labels.connector.clone());
+    out["requests"] = json!(totals.remove(&key).unwrap_or_default());
+    out["recent_requests"] = json!(recent.remove(&key).unwrap_or_default());
     out["validation"] = match c.validation() {
         Validation::None => json!({ "state": "none" }),
         Validation::Pending => json!({ "state": "pending" }),

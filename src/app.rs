@@ -91,7 +91,8 @@ impl App {
         let mut values = headers.get_all(AUTHORIZATION).iter();
         match (values.next(), values.next()) {
             (Some(value), None) => crate::secret::bearer_token(value.as_bytes())
-                .is_some_and(|token| expected.matches(token)),
+                .or_else(|| crate::secret::basic_password(value.as_bytes()))
+                .is_some_and(|token| expected.matches(&token)),
             _ => false,
         }
     }

@@ -1,9 +1,10 @@
 //! Metric families, named as DESIGN.md fixes them, in the Prometheus text format.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -127,6 +128,16 @@ where
         f(&metric)
     }
 
+    /// Runs `f` on every series this family holds.
+    pub fn each(&self, mut f: impl FnMut(&S, &M)) {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for labels in seen.iter() {
+            if let Some(metric) = self.family.get(labels) {
+                f(labels, &metric);
+            }
+        }
+    }
+
     /// Drops every series whose org and connector `keep` refuses.
     pub fn retain(&self, keep: &dyn Fn(&str, &str) -> bool) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -158,8 +169,17 @@ pub struct VersionLabels {
     pub version: &'static str,
 }
 
+/// Requests answered per (org, connector), by code.
+pub type RequestCounts = HashMap<(Arc<str>, Arc<str>), HashMap<String, u64>>;
+
+/// How far back the status page's request counts reach.
+pub const RECENT: Duration = Duration::from_secs(300);
+
 pub struct Metrics {
     registry: Registry,
+    /// Snapshots of the requests counter (taken by [`Metrics::remember_request_counts`]), so
+    /// that `/status` can tell the last minutes' requests without counting each one twice.
+    request_history: Mutex<VecDeque<(Instant, RequestCounts)>>,
     pub requests: ConnectorFamily<RequestLabels, Counter>,
     pub request_duration: ConnectorFamily<ConnectorLabels, Histogram, fn() -> Histogram>,
     pub inflight: Gauge,
@@ -268,6 +288,7 @@ impl Metrics {
         registry.register("build_info", "Build information", build_info);
         Self {
             registry,
+            request_history: Mutex::new(VecDeque::from([(Instant::now(), RequestCounts::new())])),
             requests: ConnectorFamily::new(requests),
             request_duration: ConnectorFamily::new(request_duration),
             inflight,
@@ -280,6 +301,62 @@ impl Metrics {
             cluster_up,
             cluster_operations,
         }
+    }
+
+    /// Requests answered so far, from the requests counter.
+    pub fn request_counts(&self) -> RequestCounts {
+        let mut out = RequestCounts::new();
+        self.requests.each(|labels, counter| {
+            let code = match labels.code {
+                Code::Status(status) => status.to_string(),
+                Code::Error(code) => code.to_owned(),
+            };
+            out.entry((labels.org.clone(), labels.connector.clone()))
+                .or_default()
+                .insert(code, counter.get());
+        });
+        out
+    }
+
+    /// Keeps a snapshot of the requests counter; called every few seconds by the server.
+    /// Snapshots older than [`RECENT`] go, but for the one that starts the window.
+    pub fn remember_request_counts(&self) {
+        let now = Instant::now();
+        let counts = self.request_counts();
+        let mut history = self
+            .request_history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        history.push_back((now, counts));
+        while history.len() > 2 && history[1].0 + RECENT <= now {
+            history.pop_front();
+        }
+    }
+
+    /// Requests answered in about the last [`RECENT`] (since the start, when younger): the
+    /// counts now less the oldest snapshot in the window, and the seconds that spans.
+    pub fn recent_request_counts(&self) -> (Duration, RequestCounts) {
+        let mut now = self.request_counts();
+        let history = self
+            .request_history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (since, before) = history
+            .front()
+            .expect("the first snapshot is never removed");
+        for (key, codes) in &mut now {
+            for (code, count) in codes.iter_mut() {
+                let earlier = before
+                    .get(key)
+                    .and_then(|c| c.get(code))
+                    .copied()
+                    .unwrap_or(0);
+                *count = count.saturating_sub(earlier);
+            }
+            codes.retain(|_, count| *count > 0);
+        }
+        now.retain(|_, codes| !codes.is_empty());
+        (since.elapsed(), now)
     }
 
     /// `connector_proxy_cluster_up`: 1 while Redis answers, else 0.

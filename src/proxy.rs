@@ -362,7 +362,7 @@ fn authenticate(org: &Org, headers: &HeaderMap) -> Result<(), ProxyError> {
         Header::Missing | Header::Many => None,
     };
     match presented {
-        Some(token) if expected.matches(token) => Ok(()),
+        Some(token) if expected.matches(&token) => Ok(()),
         _ => Err(ProxyError::ProxyAuthRequired),
     }
 }

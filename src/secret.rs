@@ -33,12 +33,32 @@ impl Secret {
 
 /// The token of an `Authorization`-style value `Bearer <token>` (the scheme in any case), or
 /// `None` when it has another scheme or none.
-pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
-    let space = value.iter().position(|&b| b == b' ')?;
-    let (scheme, token) = value.split_at(space);
+pub fn bearer_token(value: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    let (scheme, token) = split_scheme(value)?;
     scheme
         .eq_ignore_ascii_case(b"bearer")
-        .then(|| token.trim_ascii())
+        .then_some(std::borrow::Cow::Borrowed(token))
+}
+
+/// The password of `Basic base64(user:password)`, any user: how a browser, prompted by
+/// `WWW-Authenticate: Basic`, sends a token typed as the password.
+pub fn basic_password(value: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    use base64::Engine as _;
+    let (scheme, encoded) = split_scheme(value)?;
+    if !scheme.eq_ignore_ascii_case(b"basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    Some(std::borrow::Cow::Owned(decoded[colon + 1..].to_vec()))
+}
+
+fn split_scheme(value: &[u8]) -> Option<(&[u8], &[u8])> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    Some((scheme, rest.trim_ascii()))
 }
 
 impl fmt::Debug for Secret {

@@ -86,6 +86,7 @@ impl Server {
         // listener can first be asked.
         self.app.ready.store(true, Ordering::Release);
         let admin = tokio::spawn(serve_admin(self.admin, self.app.clone()));
+        let history = tokio::spawn(remember_request_counts(self.app.clone()));
         let reloads = tokio::spawn(reload::on_sighup(self.app.clone()));
         let watcher = tokio::spawn(reload::on_change(self.app.clone(), reload::POLL));
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -158,6 +159,7 @@ impl Server {
         admin.abort();
         reloads.abort();
         watcher.abort();
+        history.abort();
         tracing::info!(grace = ?self.settings.shutdown_grace, "shutting down: listeners closed, draining requests in flight");
         // Every connection's driver holds a receiver: closed() completes when the last is done.
         drop(shutdown_rx);
@@ -168,6 +170,16 @@ impl Server {
                 tracing::warn!("shutdown grace period over; closing remaining connections");
             }
         }
+    }
+}
+
+/// Snapshots of the requests counter, for the last minutes' counts in `/status`.
+async fn remember_request_counts(app: Arc<App>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(5));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        app.metrics.remember_request_counts();
     }
 }
 
