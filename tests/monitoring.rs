@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::token::{Method, TokenServer};
-use common::{Pki, Proxy, Upstream, get};
+use common::admin::AdminWorld;
+use common::get;
 
 fn deploy(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -142,41 +142,8 @@ fn dashboard_queries() -> Vec<(String, String)> {
 #[tokio::test]
 async fn every_dashboard_query_runs_against_a_real_prometheus_scraping_the_proxy() {
     const ADMIN_TOKEN: &str = "scrape-t0ken-5ecret";
-    let pki = Pki::new();
-    let crm = Upstream::start(&pki.leaf(&["crm.example.com"]), &[b"h2", b"http/1.1"]).await;
-    let token = TokenServer::start(&pki).await;
-    token.register("flow-engine", Method::SecretBasic("client-5ecret".into()));
-    let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-admin_token = "{ADMIN_TOKEN}"
-
-[upstream]
-extra_ca_file = "ca.pem"
-allow_networks = ["127.0.0.0/8"]
-resolve = {{ "crm.example.com:443" = "{crm}", "login.example.com:443" = "{token}" }}
-
-[orgs.acme.connectors.crm]
-auth = "basic"
-resource_domain = "https://crm.example.com"
-username = "svc"
-password = "p"
-validation_url = "https://crm.example.com/whoami"
-
-[orgs.acme.connectors.billing]
-auth = "oauth2"
-grant = "client_credentials"
-resource_domain = "https://crm.example.com"
-token_url = "https://login.example.com/oauth2/token"
-client_id = "flow-engine"
-client_secret = "client-5ecret"
-"#,
-        crm = crm.addr,
-        token = token.addr,
-    );
-    let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
+    let world = AdminWorld::new().await;
+    let proxy = world.start(ADMIN_TOKEN, "crm");
     let prometheus = Prometheus::start(proxy.admin, ADMIN_TOKEN);
 
     // Traffic during the scrapes: successes, an upstream 503 and a refusal, on both connectors.

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use common::token::{Method, TokenServer};
-use common::{Pki, Proxy, Upstream, get, send};
+use common::admin::AdminWorld;
+use common::{get, send};
 use serde_json::{Value, json};
 
 const ADMIN_TOKEN: &str = "page-adm1n-t0ken";
@@ -112,43 +112,10 @@ impl Driver {
 
 #[tokio::test]
 async fn the_status_page_shows_the_running_proxy_and_follows_a_token_refresh() {
-    let pki = Pki::new();
-    let crm = Upstream::start(&pki.leaf(&["crm.example.com"]), &[b"h2", b"http/1.1"]).await;
-    let token = TokenServer::start(&pki).await;
-    token.register("flow-engine", Method::SecretBasic("client-5ecret".into()));
+    let world = AdminWorld::new().await;
     // Tokens of 6 s: renewed 1.2 s before they lapse, so the page sees several.
-    token.state.lock().unwrap().expires_in = Some(json!(6));
-    let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-admin_token = "{ADMIN_TOKEN}"
-
-[upstream]
-extra_ca_file = "ca.pem"
-allow_networks = ["127.0.0.0/8"]
-resolve = {{ "crm.example.com:443" = "{crm}", "login.example.com:443" = "{token}" }}
-
-[orgs.acme.connectors."Contact Center"]
-auth = "basic"
-resource_domain = "https://crm.example.com"
-username = "svc"
-password = "p"
-validation_url = "https://crm.example.com/whoami"
-
-[orgs.acme.connectors.billing]
-auth = "oauth2"
-grant = "client_credentials"
-resource_domain = "https://crm.example.com"
-token_url = "https://login.example.com/oauth2/token"
-client_id = "flow-engine"
-client_secret = "client-5ecret"
-"#,
-        crm = crm.addr,
-        token = token.addr,
-    );
-    let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
+    world.token.state.lock().unwrap().expires_in = Some(json!(6));
+    let proxy = world.start(ADMIN_TOKEN, "Contact Center");
     for target in ["/ok", "/ok", "/status/503"] {
         get(
             proxy.addr,
@@ -255,7 +222,7 @@ client_secret = "client-5ecret"
         }
     });
     let (mut fell, mut rose, mut previous) = (false, false, left().await);
-    let requests_before = token.requests();
+    let requests_before = world.token.requests();
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = left().await;
@@ -273,7 +240,10 @@ client_secret = "client-5ecret"
         fell && rose,
         "seconds left fell: {fell}, rose after a refresh: {rose}"
     );
-    assert!(token.requests() > requests_before, "no refresh happened");
+    assert!(
+        world.token.requests() > requests_before,
+        "no refresh happened"
+    );
     traffic.abort();
     // Several refreshes later the last minutes' requests still count those before the page.
     let crm_row = row("Contact Center").await;
@@ -293,7 +263,7 @@ client_secret = "client-5ecret"
         .script("return document.documentElement.outerHTML")
         .await
         .to_string();
-    for secret in [ADMIN_TOKEN, "client-5ecret"] {
+    for secret in [ADMIN_TOKEN, common::admin::CLIENT_SECRET] {
         assert!(!text.contains(secret), "{secret} on the page");
     }
     driver.session("DELETE", "", None).await;

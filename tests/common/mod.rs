@@ -2,6 +2,7 @@
 //! built proxy binary run on a temporary configuration. Everything binds 127.0.0.1:0.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod admin;
 pub mod metrics;
 pub mod oauth;
 pub mod redis;
