@@ -58,7 +58,10 @@ struct Loaded {
 
 impl App {
     pub fn new(config: &Config) -> Result<Arc<Self>, BuildError> {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(match &config.cluster {
+            Some(_) => Metrics::with_cluster(),
+            None => Metrics::new(),
+        });
         let cluster = match &config.cluster {
             Some(settings) => Some(
                 Cluster::start(settings, &config.upstream.extra_roots, metrics.clone())
@@ -310,6 +313,7 @@ fn build_routes(
         None => Upstream::new(
             &config.upstream,
             forward::tls_config(&config.upstream, None)?,
+            metrics.handshakes(),
         ),
     };
     let previous = previous.map(|r| &r.registry);

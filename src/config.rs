@@ -80,6 +80,8 @@ pub struct UpstreamSettings {
     pub max_replay_body: usize,
     /// All bodies kept for a replay together; past it a body streams without a copy.
     pub replay_memory: usize,
+    /// Upstream connections per authority at most; past it, requests wait for a free one.
+    pub max_connections_per_host: usize,
     /// Certificates trusted besides the web roots (from `extra_ca_file`).
     pub extra_roots: Vec<CertificateDer<'static>>,
     pub allow_networks: Vec<IpNet>,

@@ -22,7 +22,8 @@ use tokio::time::Instant;
 
 use crate::body::IdleTimeout;
 use crate::config::{ClientIdentity, UpstreamSettings};
-use connect::{ConnectError, UpstreamConnector};
+pub use crate::metrics::Handshakes;
+use connect::{ConnectError, ConnectSettings, UpstreamConnector};
 use http2::{Http2Body, Http2Pool, Route};
 use policy::AddressPolicy;
 
@@ -89,12 +90,21 @@ pub fn tls_config(
 }
 
 impl Upstream {
-    pub fn new(settings: &UpstreamSettings, tls: Arc<rustls::ClientConfig>) -> Self {
+    /// The client for `settings`; its TLS handshakes are counted in `handshakes`.
+    pub fn new(
+        settings: &UpstreamSettings,
+        tls: Arc<rustls::ClientConfig>,
+        handshakes: Handshakes,
+    ) -> Self {
         let connector = UpstreamConnector::new(
             tls,
-            AddressPolicy::new(settings.allow_networks.clone()),
-            settings.resolve.clone(),
-            settings.connect_timeout,
+            ConnectSettings {
+                policy: AddressPolicy::new(settings.allow_networks.clone()),
+                pins: settings.resolve.clone(),
+                timeout: settings.connect_timeout,
+                per_host: settings.max_connections_per_host,
+                handshakes,
+            },
         );
         let client = || {
             Client::builder(QueuedLast)

@@ -159,6 +159,20 @@ pub struct ClusterOpLabels {
     pub outcome: &'static str,
 }
 
+/// TLS handshakes with upstreams, full or resumed (`connector_proxy_upstream_tls_handshakes_total`),
+/// counted by the upstream connector.
+#[derive(Clone, Default)]
+pub struct Handshakes {
+    pub full: Counter,
+    pub resumed: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `full` or `resumed` (a TLS session ticket or ID accepted by the upstream).
+    pub kind: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub outcome: &'static str,
@@ -189,10 +203,11 @@ pub struct Metrics {
     pub token_expiry: ConnectorFamily<ConnectorLabels, Gauge<f64, AtomicU64>>,
     pub validation_ok: ConnectorFamily<ConnectorLabels, Gauge>,
     pub config_reloads: Family<ReloadLabels, Counter>,
-    /// One series once `[cluster]` starts, none without it: 0 would read as "down" for a
-    /// replica that shares nothing by design.
-    cluster_up: Family<Vec<(&'static str, &'static str)>, Gauge>,
+    /// Registered with `[cluster]` only: 0 would read as "down" for a replica that shares
+    /// nothing by design.
+    cluster_up: Gauge,
     pub cluster_operations: Family<ClusterOpLabels, Counter>,
+    upstream_tls_handshakes: Family<HandshakeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -202,7 +217,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The families of a replica that shares nothing.
     pub fn new() -> Self {
+        Self::build(false)
+    }
+
+    /// The families of a replica with `[cluster]`: `connector_proxy_cluster_up` besides.
+    pub fn with_cluster() -> Self {
+        Self::build(true)
+    }
+
+    fn build(cluster: bool) -> Self {
         let mut registry = Registry::with_prefix("connector_proxy");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -267,17 +292,25 @@ impl Metrics {
             "Configuration reloads, by outcome",
             config_reloads.clone(),
         );
-        let cluster_up = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
-        registry.register(
-            "cluster_up",
-            "1 while Redis answers ([cluster]), else 0: the replica serves alone",
-            cluster_up.clone(),
-        );
+        let cluster_up = Gauge::default();
+        if cluster {
+            registry.register(
+                "cluster_up",
+                "1 while Redis answers ([cluster]), else 0: the replica serves alone",
+                cluster_up.clone(),
+            );
+        }
         let cluster_operations = Family::<ClusterOpLabels, Counter>::default();
         registry.register(
             "cluster_operations",
             "Redis calls of the token sharing, by operation and outcome",
             cluster_operations.clone(),
+        );
+        let upstream_tls_handshakes = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "upstream_tls_handshakes",
+            "TLS handshakes with upstreams and token endpoints: full, or resumed from an earlier session",
+            upstream_tls_handshakes.clone(),
         );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
@@ -300,6 +333,7 @@ impl Metrics {
             config_reloads,
             cluster_up,
             cluster_operations,
+            upstream_tls_handshakes,
         }
     }
 
@@ -359,11 +393,21 @@ impl Metrics {
         (since.elapsed(), now)
     }
 
+    /// The counters an upstream client counts its TLS handshakes in.
+    pub fn handshakes(&self) -> Handshakes {
+        let counter = |kind| {
+            self.upstream_tls_handshakes
+                .get_or_create_owned(&HandshakeLabels { kind })
+        };
+        Handshakes {
+            full: counter("full"),
+            resumed: counter("resumed"),
+        }
+    }
+
     /// `connector_proxy_cluster_up`: 1 while Redis answers, else 0.
     pub fn set_cluster_up(&self, up: bool) {
-        self.cluster_up
-            .get_or_create(&Vec::new())
-            .set(i64::from(up));
+        self.cluster_up.set(i64::from(up));
     }
 
     /// The whole registry in `format`.

@@ -212,7 +212,10 @@ fn credentials(
                     source,
                 }
             })?;
-            (Upstream::new(&config.upstream, tls), None)
+            (
+                Upstream::new(&config.upstream, tls, metrics.handshakes()),
+                None,
+            )
         }
         ClientAuth::PrivateKeyJwt { identity, alg } => {
             let signer = AssertionSigner::new(identity, *alg).map_err(|source| {

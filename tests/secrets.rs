@@ -110,7 +110,8 @@ password = "pw-5ecret-4"
         connector_proxy::config::Config::parse(text, std::path::Path::new("proxy.toml")).unwrap();
     common::install_provider();
     let tls = connector_proxy::forward::tls_config(&config.upstream, None).unwrap();
-    let upstream = connector_proxy::forward::Upstream::new(&config.upstream, tls);
+    let upstream =
+        connector_proxy::forward::Upstream::new(&config.upstream, tls, Default::default());
     let registry = connector_proxy::registry::Registry::new(
         &config,
         &upstream,

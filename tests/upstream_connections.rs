@@ -142,3 +142,75 @@ async fn callers_waiting_on_a_connect_that_fails_share_its_error() {
     // One attempt for all eight: each trying again in turn would have queued eight timeouts.
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
+
+/// `upstream.max_connections_per_host`: many callers at once to a slow upstream share at most
+/// that many connections, HTTP/1.1 or HTTP/2, and every caller is served (waiting its turn
+/// within `request_timeout`).
+#[tokio::test]
+async fn connections_per_authority_are_capped_and_every_waiter_is_served() {
+    let pki = Pki::new();
+    for (name, streams) in [("one.example.com", None), ("two.example.com", Some(2))] {
+        let (addr, accepted) =
+            counting_upstream(&pki, name, streams, Duration::from_millis(150)).await;
+        let proxy = Proxy::start(
+            &one_basic_connector("c", name, addr, "max_connections_per_host = 3"),
+            &[("ca.pem", &pki.ca_pem())],
+            &[],
+        );
+        let answers = call_at_once(&proxy, 24).await;
+        assert!(
+            answers.iter().all(|a| a.status == 200 && a.body == "ok"),
+            "{name}: {:?}",
+            answers.iter().map(|a| a.status).collect::<Vec<_>>()
+        );
+        let connections = accepted.load(Ordering::SeqCst);
+        assert!(
+            (1..=3).contains(&connections),
+            "{name}: {connections} connections for 24 callers with a cap of 3"
+        );
+    }
+}
+
+/// A TLS session is resumed on the next connection to the same upstream: an upstream that
+/// closes every connection after one answer sees one full handshake, then resumed ones.
+#[tokio::test]
+async fn tls_sessions_to_an_upstream_are_resumed_and_counted() {
+    let pki = Pki::new();
+    let name = "closing.example.com";
+    let config = server_config(&pki.leaf(&[name]), &[b"http/1.1"]);
+    let (addr, _task) = accept_tls(config, |tls| async move {
+        let service = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"ok"),
+            )))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+    })
+    .await;
+    let proxy = Proxy::start(
+        &one_basic_connector("c", name, addr, ""),
+        &[("ca.pem", &pki.ca_pem())],
+        &[],
+    );
+    for _ in 0..4 {
+        let answer = get(proxy.addr, "/", &[("x-connector-name", "c")]).await;
+        assert_eq!(answer.status, 200);
+        // The pool learns of the close asynchronously: give it a moment, so that the next
+        // request dials anew instead of meeting a closing connection.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let samples = common::metrics::fetch(proxy.admin).await;
+    let count = |kind| {
+        common::metrics::metric(
+            &samples,
+            "connector_proxy_upstream_tls_handshakes_total",
+            &[("kind", kind)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(count("full"), 1.0, "resumed: {}", count("resumed"));
+    assert_eq!(count("resumed"), 3.0);
+}

@@ -214,6 +214,7 @@ impl Validator<'_> {
                 "request_timeout",
                 "max_replay_body",
                 "replay_memory",
+                "max_connections_per_host",
                 "extra_ca_file",
                 "allow_networks",
                 "resolve",
@@ -420,6 +421,12 @@ impl Validator<'_> {
                 )),
             }
         }
+        if raw.max_connections_per_host == 0 {
+            self.key_problem(
+                &["upstream", "max_connections_per_host"],
+                "must be at least 1; the default is 256",
+            );
+        }
         self.nonzero(
             "upstream",
             &[
@@ -432,6 +439,7 @@ impl Validator<'_> {
             request_timeout: raw.request_timeout.0,
             max_replay_body: usize::try_from(raw.max_replay_body.0).unwrap_or(usize::MAX),
             replay_memory: usize::try_from(raw.replay_memory.0).unwrap_or(usize::MAX),
+            max_connections_per_host: raw.max_connections_per_host,
             extra_roots,
             allow_networks,
             resolve,

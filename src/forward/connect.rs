@@ -19,10 +19,12 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::policy::AddressPolicy;
+use crate::metrics::Handshakes;
 
 /// Why no connection could be made. Found again by the caller in hyper's error chain.
 #[derive(Debug, thiserror::Error)]
@@ -58,31 +60,51 @@ struct Inner {
     policy: AddressPolicy,
     pins: HashMap<(String, u16), SocketAddr>,
     timeout: Duration,
+    /// `upstream.max_connections_per_host`: one semaphore per authority, a permit held by each
+    /// connection for its life.
+    slots: Mutex<HashMap<Authority, Arc<Semaphore>>>,
+    per_host: usize,
+    handshakes: Handshakes,
+}
+
+/// How an [`UpstreamConnector`] connects.
+pub struct ConnectSettings {
+    pub policy: AddressPolicy,
+    pub pins: HashMap<(String, u16), SocketAddr>,
+    pub timeout: Duration,
+    pub per_host: usize,
+    pub handshakes: Handshakes,
 }
 
 impl UpstreamConnector {
-    pub fn new(
-        tls: Arc<rustls::ClientConfig>,
-        policy: AddressPolicy,
-        pins: HashMap<(String, u16), SocketAddr>,
-        timeout: Duration,
-    ) -> Self {
+    pub fn new(tls: Arc<rustls::ClientConfig>, settings: ConnectSettings) -> Self {
         Self {
             inner: Arc::new(Inner {
                 parked: Mutex::default(),
                 tls: TlsConnector::from(tls),
-                policy,
-                pins,
-                timeout,
+                policy: settings.policy,
+                pins: settings.pins,
+                timeout: settings.timeout,
+                slots: Mutex::default(),
+                per_host: settings.per_host.max(1),
+                handshakes: settings.handshakes,
             }),
         }
     }
 
-    /// A TLS connection to `uri`'s authority within `upstream.connect_timeout`.
+    /// A TLS connection to `uri`'s authority within `upstream.connect_timeout`, once the
+    /// authority has fewer than `max_connections_per_host` connections: the wait for that is
+    /// not connect time (the caller's deadline bounds it), the connect is.
     pub async fn connect(&self, uri: &Uri) -> Result<UpstreamStream, ConnectError> {
+        let slot = self
+            .inner
+            .slot(uri)
+            .acquire_owned()
+            .await
+            .expect("never closed");
         let timeout = self.inner.timeout;
         match tokio::time::timeout(timeout, self.inner.connect(uri)).await {
-            Ok(result) => result,
+            Ok(result) => result.map(|tls| UpstreamStream { tls, _slot: slot }),
             Err(_) => Err(ConnectError::Timeout {
                 host: uri.host().unwrap_or_default().to_owned(),
                 timeout,
@@ -93,6 +115,11 @@ impl UpstreamConnector {
     /// `upstream.connect_timeout`.
     pub fn timeout(&self) -> Duration {
         self.inner.timeout
+    }
+
+    /// `upstream.max_connections_per_host`.
+    pub fn per_host(&self) -> usize {
+        self.inner.per_host
     }
 
     /// Keeps `stream` for the next HTTP/1.1 connect to `authority`.
@@ -135,7 +162,19 @@ impl tower_service::Service<Uri> for UpstreamConnector {
 }
 
 impl Inner {
-    async fn connect(&self, uri: &Uri) -> Result<UpstreamStream, ConnectError> {
+    fn slot(&self, uri: &Uri) -> Arc<Semaphore> {
+        let authority = uri
+            .authority()
+            .cloned()
+            .unwrap_or_else(|| Authority::from_static("-"));
+        let mut slots = self.slots.lock().expect("slots lock");
+        slots
+            .entry(authority)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_host)))
+            .clone()
+    }
+
+    async fn connect(&self, uri: &Uri) -> Result<TlsStream<TcpStream>, ConnectError> {
         if uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
             return Err(ConnectError::NotHttps);
         }
@@ -206,16 +245,24 @@ impl Inner {
                 host: host.to_owned(),
                 source,
             })?;
-        Ok(UpstreamStream(tls))
+        match tls.get_ref().1.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => self.handshakes.resumed.inc(),
+            _ => self.handshakes.full.inc(),
+        };
+        Ok(tls)
     }
 }
 
-/// A TLS connection to an upstream; tells the pool whether ALPN chose HTTP/2.
-pub struct UpstreamStream(TlsStream<TcpStream>);
+/// A TLS connection to an upstream, holding one of its authority's connection slots; tells the
+/// pool whether ALPN chose HTTP/2.
+pub struct UpstreamStream {
+    tls: TlsStream<TcpStream>,
+    _slot: OwnedSemaphorePermit,
+}
 
 impl UpstreamStream {
     pub fn is_h2(&self) -> bool {
-        self.0.get_ref().1.alpn_protocol() == Some(b"h2")
+        self.tls.get_ref().1.alpn_protocol() == Some(b"h2")
     }
 }
 
@@ -236,7 +283,7 @@ impl AsyncRead for UpstreamStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.tls).poll_read(cx, buf)
     }
 }
 
@@ -246,7 +293,7 @@ impl AsyncWrite for UpstreamStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.tls).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -254,18 +301,18 @@ impl AsyncWrite for UpstreamStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.tls.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.tls).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.tls).poll_shutdown(cx)
     }
 }

@@ -41,7 +41,8 @@ pub struct Http2Pool {
     idle_timeout: Duration,
 }
 
-/// How many connections one authority may have. Beyond, streams queue on the least busy one.
+/// How many HTTP/2 connections one authority may have (fewer where
+/// `upstream.max_connections_per_host` says so). Beyond, streams queue on the least busy one.
 const MAX_CONNECTIONS_PER_HOST: usize = 32;
 
 /// One target authority.
@@ -87,6 +88,12 @@ pub enum Route {
 }
 
 impl Http2Pool {
+    /// Connections one authority may have: [`MAX_CONNECTIONS_PER_HOST`], or fewer where
+    /// `upstream.max_connections_per_host` says so.
+    fn max_connections(&self) -> usize {
+        MAX_CONNECTIONS_PER_HOST.min(self.connector.per_host())
+    }
+
     pub fn new(connector: UpstreamConnector, idle_timeout: Duration) -> Self {
         Self {
             hosts: Mutex::default(),
@@ -109,14 +116,14 @@ impl Http2Pool {
                 None => hosts.entry(authority.clone()).or_default().clone(),
             }
         };
-        if let Some(route) = host.pick() {
+        if let Some(route) = host.pick(self.max_connections()) {
             return Ok(route);
         }
         // Every connection is at the server's limit (or there is none): make one, or wait for
         // the one being made, rather than queue streams that a GOAWAY would refuse.
         let asked = Instant::now();
         let mut last_failure = host.connecting.lock().await;
-        if let Some(route) = host.pick() {
+        if let Some(route) = host.pick(self.max_connections()) {
             return Ok(route);
         }
         if let Some((at, error)) = &*last_failure
@@ -198,8 +205,8 @@ impl Http2Pool {
 
 impl Host {
     /// The newest live connection with a stream to spare; when the host has as many
-    /// connections as it may, the least busy one.
-    fn pick(&self) -> Option<Route> {
+    /// connections as it may (`max`), the least busy one.
+    fn pick(&self, max: usize) -> Option<Route> {
         if self.http1.load(Ordering::Relaxed) {
             return Some(Route::Http1);
         }
@@ -208,7 +215,7 @@ impl Host {
             .iter()
             .rev()
             .filter(|conn| !conn.state.ended.load(Ordering::Relaxed));
-        let conn = if conns.len() >= MAX_CONNECTIONS_PER_HOST {
+        let conn = if conns.len() >= max {
             live.min_by_key(|conn| conn.in_use())
         } else {
             live.find(|conn| conn.in_use() < conn.send.current_max_send_streams())

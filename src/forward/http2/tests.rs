@@ -79,9 +79,13 @@ async fn start(idle: Duration) -> (Http2Pool, Arc<AtomicUsize>, mpsc::Receiver<(
     let (addr, accepted, ends) = server(server_tls).await;
     let connector = UpstreamConnector::new(
         client_tls,
-        AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
-        HashMap::from([((NAME.to_owned(), 443), addr)]),
-        Duration::from_secs(5),
+        super::super::connect::ConnectSettings {
+            policy: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+            pins: HashMap::from([((NAME.to_owned(), 443), addr)]),
+            timeout: Duration::from_secs(5),
+            per_host: 256,
+            handshakes: Default::default(),
+        },
     );
     (Http2Pool::new(connector, idle), accepted, ends)
 }
