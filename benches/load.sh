@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Load comparison: connector-proxy against nginx doing the same job, and against a direct call,
-# all on loopback, in one run. Prints req/s, p50, p99 and the proxy's RSS, with ratios.
+# Load comparison: connector-proxy against nginx and HAProxy doing the same job, against a bare
+# hyper-util forwarder (examples/bare_forwarder.rs: the stack's floor) and against a direct
+# call, all on loopback, in one run. Prints req/s, p50, p99, RSS and CPU per request, with
+# ratios; a second connector-proxy logs every request at info, for the access log's cost.
 #
 #   bash benches/load.sh                 # 10 s per run, 32 connections
 #   DURATION=5 CONNECTIONS=64 bash benches/load.sh
@@ -38,11 +40,11 @@ PROXY_ENV=${PROXY_ENV:-}              # e.g. PROXY_ENV=MALLOC_ARENA_MAX=2, for e
 PROXY_WRAP=${PROXY_WRAP:-}            # e.g. PROXY_WRAP=heaptrack (RSS figures are then the wrapper's)
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk || ! need redis-server; then
-    echo "installing nginx, wrk and redis-server" >&2
+if ! need nginx || ! need wrk || ! need redis-server || ! need haproxy; then
+    echo "installing nginx, wrk, redis-server and haproxy" >&2
     if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
     $SUDO apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nginx-light wrk redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nginx-light wrk redis-server haproxy >/dev/null
 fi
 [ "$MODE" = cluster-soak ] && CLUSTER=1
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
@@ -51,6 +53,8 @@ if [ -z "${PROXY_BIN:-}" ]; then   # PROXY_BIN=path: measure another build (A/B 
     cargo build --release --quiet --bin connector-proxy
     PROXY_BIN=target/release/connector-proxy
 fi
+cargo build --release --quiet --example bare_forwarder
+BARE_BIN=target/release/examples/bare_forwarder
 
 work=$(mktemp -d)
 pids=()
@@ -64,6 +68,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 UP=$(free_port); NGX=$(free_port); CP=$(free_port); CPA=$(free_port); REDIS=$(free_port)
+HAP=$(free_port); BARE=$(free_port); CPL=$(free_port); CPLA=$(free_port)
 
 # A test CA and a certificate for crm.example.com, for this run only.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
@@ -147,6 +152,28 @@ http {
 }
 EOF
 
+# HAProxy 2.6 as the same authenticating proxy; HTTP/2 to the upstream where it offers it.
+if [ "$UPSTREAM_HTTP2" = 1 ]; then HAP_ALPN="alpn h2"; else HAP_ALPN="alpn http/1.1"; fi
+cat >"$work/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 8192
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+    http-reuse always
+frontend proxy
+    bind 127.0.0.1:$HAP
+    default_backend crm
+backend crm
+    http-request set-header Host crm.example.com
+    http-request set-header Authorization "Basic $BASIC"
+    server crm 127.0.0.1:$UP ssl verify required ca-file $work/ca.pem sni str(crm.example.com) verifyhost crm.example.com $HAP_ALPN
+EOF
+
 cat >"$work/connector-proxy.toml" <<EOF
 [server]
 listen = "127.0.0.1:$CP"
@@ -202,9 +229,29 @@ taskset -c "$PROXY_CORE" "$NGINX" -c "$work/proxy.conf" -p "$work" 2>/dev/null
 taskset -c "$PROXY_CORE" env RUST_LOG=warn $PROXY_ENV $PROXY_WRAP "$PROXY_BIN" --config "$work/connector-proxy.toml" >"$work/cp.log" 2>&1 &
 pids+=($!)
 CP_PID=$!
-for _ in $(seq 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$CPA/readyz" && break
-    sleep 0.1
+# The same proxy logging its canonical line per request (RUST_LOG=info) to a file.
+sed -e "s|127.0.0.1:$CP\"|127.0.0.1:$CPL\"|" -e "s|127.0.0.1:$CPA\"|127.0.0.1:$CPLA\"|" \
+    "$work/connector-proxy.toml" >"$work/connector-proxy-logged.toml"
+taskset -c "$PROXY_CORE" env RUST_LOG=info $PROXY_ENV "$PROXY_BIN" --config "$work/connector-proxy-logged.toml" >"$work/cp-logged.log" 2>&1 &
+pids+=($!)
+CPL_PID=$!
+taskset -c "$PROXY_CORE" haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
+pids+=($!)
+HAP_PID=$!
+taskset -c "$PROXY_CORE" "$BARE_BIN" "127.0.0.1:$BARE" "127.0.0.1:$UP" crm.example.com "$work/ca.pem" "Basic $BASIC" >"$work/bare.log" 2>&1 &
+pids+=($!)
+BARE_PID=$!
+for port in $CPA $CPLA; do
+    for _ in $(seq 100); do
+        curl -s -o /dev/null "http://127.0.0.1:$port/readyz" && break
+        sleep 0.1
+    done
+done
+for port in $HAP $BARE; do
+    for _ in $(seq 100); do
+        curl -s -o /dev/null "http://127.0.0.1:$port/" && break
+        sleep 0.1
+    done
 done
 
 # The proxy's main process RSS in KiB.
@@ -257,25 +304,33 @@ row() {
     local name=$1 res=$2 rss=$3
     read -r rps p50 p99 pcpu ucpu <<<"$res"
     read -r nrps _ np99 _ <<<"$ngx"
+    read -r hrps _ _ _ <<<"$hap"
+    read -r brps _ _ _ <<<"$bare"
     read -r drps _ _ _ <<<"$direct"
-    awk -v n="$name" -v r="$rps" -v a="$p50" -v b="$p99" -v m="$rss" -v nr="$nrps" -v dr="$drps" -v np="$np99" \
+    awk -v n="$name" -v r="$rps" -v a="$p50" -v b="$p99" -v m="$rss" -v nr="$nrps" -v hr="$hrps" -v br="$brps" -v dr="$drps" -v np="$np99" \
         -v pc="$pcpu" -v uc="$ucpu" \
-        'BEGIN {printf "| %-36s | %9.0f | %7.3f | %7.3f | %8s | %6.2fx | %6.2fx | %6.2fx | %6s | %6s |\n", n, r, a, b, m, r/nr, r/dr, b/np, pc, uc}'
+        'BEGIN {printf "| %-40s | %9.0f | %7.3f | %7.3f | %8s | %6.2fx | %6.2fx | %6.2fx | %6.2fx | %6.2fx | %6s | %6s |\n", n, r, a, b, m, r/nr, r/hr, r/br, r/dr, b/np, pc, uc}'
 }
 # The 32-connection rows both modes print.
 steady_rows() {
     row "direct HTTPS (baseline)" "$direct" "-"
     row "nginx (Basic)" "$ngx" "$ngx_rss"
+    row "HAProxy (Basic)" "$hap" "$hap_rss"
+    row "bare hyper-util forwarder (Basic)" "$bare" "$bare_rss"
     row "connector-proxy (Basic)" "$basic" "$cp_rss"
+    row "connector-proxy (Basic, access log on)" "$logged" "$cpl_rss"
     row "connector-proxy (OAuth)" "$oauth" "$cp_rss"
+    read -r lrps _ _ lcpu _ <<<"$logged"; read -r brps _ _ bcpu _ <<<"$basic"
+    awk -v l="$lrps" -v b="$brps" -v lc="$lcpu" -v bc="$bcpu" -v d="$(wc -l <"$work/cp-logged.log")" -v x="$(curl -s "http://127.0.0.1:$CPLA/metrics" | awk '/^connector_proxy_log_lines_dropped_total/ {print $2}')" \
+        'BEGIN {printf "access log at info: %.2fx the throughput of RUST_LOG=warn, %s against %s CPU us/req; %d lines written, %s dropped\n", l/b, lc, bc, d, x}'
 }
 table_head() {
     echo
     echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); kernel $(uname -r)"
     echo "$CONNECTIONS connections, ${DURATION}s per run, upstream and proxy on core $PROXY_CORE, wrk on core $LOAD_CORE, upstream offers h2: $UPSTREAM_HTTP2"
     echo
-    echo "| path                                 |     req/s | p50 ms  | p99 ms  | RSS KiB  | vs nginx | vs direct | p99 vs nginx | proxy CPU us/req | upstream CPU us/req |"
-    echo "| ------------------------------------ | --------: | ------: | ------: | -------: | -------: | --------: | -----------: | -----: | -----: |"
+    echo "| path                                     |     req/s | p50 ms  | p99 ms  | RSS KiB  | vs nginx | vs HAProxy | vs bare | vs direct | p99 vs nginx | proxy CPU us/req | upstream CPU us/req |"
+    echo "| ---------------------------------------- | --------: | ------: | ------: | -------: | -------: | ---------: | ------: | --------: | -----------: | -----: | -----: |"
 }
 
 # wrk checks every answer (status 200, body "ok") in Lua; the upstream answers "ok" only to the
@@ -402,6 +457,10 @@ fi
 direct=$(run direct "$CONNECTIONS" -H 'Host: crm.example.com' "https://127.0.0.1:$UP/")
 ngx=$(WATCH=$(nginx_pid) run nginx "$CONNECTIONS" "http://127.0.0.1:$NGX/")
 ngx_rss=$(rss "$(nginx_pid)")
+hap=$(WATCH=$HAP_PID run haproxy "$CONNECTIONS" "http://127.0.0.1:$HAP/")
+hap_rss=$(rss "$HAP_PID")
+bare=$(WATCH=$BARE_PID run bare "$CONNECTIONS" "http://127.0.0.1:$BARE/")
+bare_rss=$(rss "$BARE_PID")
 if [ -n "${PROFILE:-}" ]; then
     perf record -F 999 -g -p "$CP_PID" -o "$PROFILE" -- sleep "$DURATION" >/dev/null 2>&1 &
     perf_pid=$!
@@ -413,6 +472,8 @@ if [ -n "${PROFILE:-}" ]; then
 fi
 oauth=$(WATCH=$CP_PID run oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/")
 cp_rss=$(rss "$CP_PID")
+logged=$(WATCH=$CPL_PID run logged "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CPL/")
+cpl_rss=$(rss "$CPL_PID")
 if [ "$MODE" = quick ]; then   # the 32-connection rows only, for A/B runs of two builds
     table_head
     steady_rows

@@ -43,6 +43,8 @@ pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Full<Bytes>> 
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => {
             refresh_token_gauges(app);
+            app.metrics
+                .count_dropped_log_lines(crate::telemetry::dropped_lines());
             let accept = request.headers().get(ACCEPT).map(HeaderValue::as_bytes);
             let format = Format::negotiate(accept);
             text(

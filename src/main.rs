@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use connector_proxy::app::App;
 use connector_proxy::config::{self, AuthConfig, Config};
 use connector_proxy::server::{self, Server};
-use tracing_subscriber::EnvFilter;
+use connector_proxy::telemetry;
 
 #[derive(Parser)]
 #[command(
@@ -197,16 +197,11 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
 }
 
 fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => subscriber.init(),
-        LogFormat::Json => subscriber.json().flatten_event(true).init(),
-    }
+    // Held to the end of `run`: dropping it writes out the lines still queued.
+    let _log = telemetry::init(match format {
+        LogFormat::Text => telemetry::LogFormat::Text,
+        LogFormat::Json => telemetry::LogFormat::Json,
+    });
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {

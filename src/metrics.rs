@@ -208,6 +208,8 @@ pub struct Metrics {
     cluster_up: Gauge,
     pub cluster_operations: Family<ClusterOpLabels, Counter>,
     upstream_tls_handshakes: Family<HandshakeLabels, Counter>,
+    /// Read from the log writer at scrape time ([`Metrics::count_dropped_log_lines`]).
+    log_lines_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -312,6 +314,12 @@ impl Metrics {
             "TLS handshakes with upstreams and token endpoints: full, or resumed from an earlier session",
             upstream_tls_handshakes.clone(),
         );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log queue was full (stdout slower than the requests)",
+            log_lines_dropped.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -334,6 +342,7 @@ impl Metrics {
             cluster_up,
             cluster_operations,
             upstream_tls_handshakes,
+            log_lines_dropped,
         }
     }
 
@@ -391,6 +400,13 @@ impl Metrics {
         }
         now.retain(|_, codes| !codes.is_empty());
         (since.elapsed(), now)
+    }
+
+    /// Brings `connector_proxy_log_lines_dropped_total` up to `dropped`, the log writer's own
+    /// count (which only grows).
+    pub fn count_dropped_log_lines(&self, dropped: u64) {
+        self.log_lines_dropped
+            .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
     }
 
     /// The counters an upstream client counts its TLS handshakes in.
