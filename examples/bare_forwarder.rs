@@ -96,6 +96,22 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
+async fn forward(
+    mut request: Request<Incoming>,
+    client: Client<Connector, Incoming>,
+    target: Arc<str>,
+    host: HeaderValue,
+    authorization: HeaderValue,
+) -> Result<http::Response<Incoming>, Error> {
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let uri: Uri = format!("{target}{path}").parse()?;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.insert(http::header::HOST, host);
+    headers.insert(http::header::AUTHORIZATION, authorization);
+    Ok(client.request(request).await?)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
@@ -132,17 +148,14 @@ async fn main() -> Result<(), Error> {
             authorization.clone(),
         );
         tokio::spawn(async move {
-            let service = service_fn(move |mut request: Request<Incoming>| {
-                let (client, target) = (client.clone(), target.clone());
-                let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-                let uri = format!("{target}{path}").parse::<Uri>();
-                let headers = request.headers_mut();
-                headers.insert(http::header::HOST, host.clone());
-                headers.insert(http::header::AUTHORIZATION, authorization.clone());
-                async move {
-                    *request.uri_mut() = uri?;
-                    Ok::<_, Error>(client.request(request).await?)
-                }
+            let service = service_fn(move |request: Request<Incoming>| {
+                forward(
+                    request,
+                    client.clone(),
+                    target.clone(),
+                    host.clone(),
+                    authorization.clone(),
+                )
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), service)
