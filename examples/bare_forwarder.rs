@@ -100,14 +100,14 @@ async fn forward(
     mut request: Request<Incoming>,
     client: Client<Connector, Incoming>,
     target: Arc<str>,
-    host: HeaderValue,
     authorization: HeaderValue,
 ) -> Result<http::Response<Incoming>, Error> {
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
     let uri: Uri = format!("{target}{path}").parse()?;
     *request.uri_mut() = uri;
     let headers = request.headers_mut();
-    headers.insert(http::header::HOST, host);
+    // hyper-util's client writes Host (HTTP/1.1) or :authority (HTTP/2) from the URI.
+    headers.remove(http::header::HOST);
     headers.insert(http::header::AUTHORIZATION, authorization);
     Ok(client.request(request).await?)
 }
@@ -135,25 +135,19 @@ async fn main() -> Result<(), Error> {
     let client: Client<Connector, Incoming> =
         Client::builder(TokioExecutor::new()).build(connector);
     let target: Arc<str> = format!("https://{host}").into();
-    let host = HeaderValue::from_str(host)?;
     let authorization = HeaderValue::from_str(authorization)?;
     let listener = TcpListener::bind(listen.as_str()).await?;
     loop {
         let (tcp, _) = listener.accept().await?;
         tcp.set_nodelay(true)?;
-        let (client, target, host, authorization) = (
-            client.clone(),
-            target.clone(),
-            host.clone(),
-            authorization.clone(),
-        );
+        let (client, target, authorization) =
+            (client.clone(), target.clone(), authorization.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 forward(
                     request,
                     client.clone(),
                     target.clone(),
-                    host.clone(),
                     authorization.clone(),
                 )
             });

@@ -1,22 +1,28 @@
 //! Logs: `tracing` to stdout through a writer off the request path.
 //!
-//! A request's canonical line is formatted on the request's task and handed, whole, to a
-//! bounded queue; one thread writes the queue out through a 64 KiB buffer, flushed whenever the
-//! queue runs empty: under load one `write` carries many lines, instead of one `write` per line
-//! on the request path. When the queue is full, a line is dropped, not waited for, and counted
-//! (`connector_proxy_log_lines_dropped_total`): a slow terminal or log collector cannot stall
-//! requests. Written here rather than taken from `tracing-appender`, whose non-blocking writer
-//! does the same but brings `time`, `symlink` and crossbeam for its file rotation.
+//! A request's canonical line is formatted on the request's task and appended to a shared
+//! buffer: a lock and a copy, no system call. One thread writes the buffer out: woken by the
+//! first line after it went idle, it waits a millisecond for more to gather, then writes them
+//! all in one `write`, so a busy proxy makes one `write` and one wake-up per millisecond at the
+//! most instead of one per request. When the buffer holds [`PENDING_LIMIT`] bytes (stdout
+//! slower than the requests), a line is dropped, not waited for, and counted
+//! (`connector_proxy_log_lines_dropped_total`). Written here rather than taken from
+//! `tracing-appender`, whose non-blocking writer sends each line through a channel (waking its
+//! thread per line when it keeps up) and brings `time`, `symlink` and crossbeam along.
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-/// Lines the queue holds: about 2.5 MiB of canonical lines at the most.
-const QUEUE_LINES: usize = 8192;
+/// Bytes waiting to be written at the most: past this, lines are dropped.
+const PENDING_LIMIT: usize = 1 << 20;
+
+/// How long the writer lets lines gather after the first of a burst.
+const LINGER: Duration = Duration::from_millis(1);
 
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
@@ -28,9 +34,9 @@ pub enum LogFormat {
 
 /// Installs the global subscriber (filtered by `RUST_LOG`, `info` by default), writing to
 /// stdout off the request path. Keep the guard until the process ends: dropping it writes out
-/// what is queued.
+/// what is pending.
 pub fn init(format: LogFormat) -> LogGuard {
-    let (queue, guard) = Queue::start(io::stdout(), QUEUE_LINES);
+    let (queue, guard) = Queue::start(io::stdout(), PENDING_LIMIT);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let subscriber = tracing_subscriber::fmt()
@@ -45,81 +51,113 @@ pub fn init(format: LogFormat) -> LogGuard {
     guard
 }
 
-/// Log lines dropped so far because the queue was full.
+/// Log lines dropped so far because too much was pending.
 pub fn dropped_lines() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// What the writer thread is sent.
-enum Message {
-    Line(Vec<u8>),
-    /// Write out everything before this, then answer.
-    Flush(SyncSender<()>),
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    limit: usize,
 }
 
-/// The sending side: `tracing-subscriber` asks it for a writer per event and writes the
-/// formatted line into it in one `write`.
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    /// The writer sleeps on `wake` and wants a notification for the next line.
+    idle: bool,
+    /// Asked by [`LogGuard`]: answered once everything before it is written.
+    flushed: Vec<std::sync::mpsc::SyncSender<()>>,
+}
+
+/// The writing side `tracing-subscriber` is given: every event's line arrives in one `write`.
 #[derive(Clone)]
 pub struct Queue {
-    lines: SyncSender<Message>,
+    shared: Arc<Shared>,
 }
 
-/// At the end of the process: writes out what is queued (waiting a second at the most).
+/// At the end of the process: writes out what is pending (waiting a second at the most).
 pub struct LogGuard {
-    lines: SyncSender<Message>,
+    shared: Arc<Shared>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes what is pending and who asked for a flush, for one write.
+    fn take(&self, spare: &mut Vec<u8>) -> Vec<std::sync::mpsc::SyncSender<()>> {
+        let mut pending = self.lock();
+        std::mem::swap(&mut pending.bytes, spare);
+        std::mem::take(&mut pending.flushed)
+    }
 }
 
 impl Queue {
-    /// A queue of `capacity` lines, written to `out` by a thread of its own.
-    pub fn start<W: Write + Send + 'static>(out: W, capacity: usize) -> (Self, LogGuard) {
-        let (lines, received) = sync_channel(capacity);
+    /// A queue holding up to `limit` bytes, written to `out` by a thread of its own.
+    pub fn start<W: Write + Send + 'static>(out: W, limit: usize) -> (Self, LogGuard) {
+        let shared = Arc::new(Shared {
+            pending: Mutex::default(),
+            wake: Condvar::new(),
+            limit,
+        });
+        let writer = shared.clone();
         std::thread::Builder::new()
             .name("connector-proxy-log".into())
-            .spawn(move || write_out(received, out))
+            .spawn(move || write_out(&writer, out))
             .expect("the log thread starts");
-        let guard = LogGuard {
-            lines: lines.clone(),
-        };
-        (Self { lines }, guard)
+        (
+            Self {
+                shared: shared.clone(),
+            },
+            LogGuard { shared },
+        )
     }
 }
 
-/// Writes lines as they come, many per `write` when they come fast: the buffer is flushed when
-/// the queue runs empty (or fills the buffer), not after each line.
-fn write_out<W: Write>(queue: Receiver<Message>, out: W) {
-    let mut out = BufWriter::with_capacity(64 * 1024, out);
-    let handle = |message, out: &mut BufWriter<W>| match message {
-        Message::Line(line) => {
-            let _ = out.write_all(&line);
-        }
-        Message::Flush(done) => {
-            let _ = out.flush();
-            let _ = done.send(());
-        }
-    };
-    while let Ok(message) = queue.recv() {
-        handle(message, &mut out);
-        loop {
-            match queue.try_recv() {
-                Ok(message) => handle(message, &mut out),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => return drop(out.flush()),
+/// The writer thread: sleeps until a line comes, lets a burst gather, writes it whole.
+fn write_out<W: Write>(shared: &Shared, mut out: W) {
+    let mut batch = Vec::new();
+    loop {
+        {
+            let mut pending = shared.lock();
+            while pending.bytes.is_empty() && pending.flushed.is_empty() {
+                pending.idle = true;
+                pending = shared.wake.wait(pending).unwrap_or_else(|p| p.into_inner());
             }
         }
-        let _ = out.flush();
+        std::thread::sleep(LINGER);
+        write_batch(shared, &mut out, &mut batch);
     }
-    let _ = out.flush();
+}
+
+/// One write of everything pending; then answers those who asked for a flush.
+fn write_batch<W: Write>(shared: &Shared, out: &mut W, batch: &mut Vec<u8>) {
+    let flushed = shared.take(batch);
+    if !batch.is_empty() {
+        let _ = out.write_all(batch);
+        let _ = out.flush();
+        batch.clear();
+    }
+    for done in flushed {
+        let _ = done.send(());
+    }
 }
 
 impl Write for Queue {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
-        match self.lines.try_send(Message::Line(line.to_vec())) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                DROPPED.fetch_add(1, Ordering::Relaxed);
-            }
-            // The writer thread is gone (the process is ending): nothing to be done.
-            Err(TrySendError::Disconnected(_)) => {}
+        let mut pending = self.shared.lock();
+        if pending.bytes.len() + line.len() > self.shared.limit {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return Ok(line.len());
+        }
+        pending.bytes.extend_from_slice(line);
+        let wake = std::mem::take(&mut pending.idle);
+        drop(pending);
+        if wake {
+            self.shared.wake.notify_one();
         }
         Ok(line.len())
     }
@@ -139,20 +177,21 @@ impl<'a> MakeWriter<'a> for Queue {
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        // The global subscriber holds a sender for the life of the process, so the thread does
-        // not end by itself: ask it to write out what is queued, and wait for that.
-        let (done, written) = sync_channel(1);
-        let wait = std::time::Duration::from_secs(1);
-        if self.lines.send(Message::Flush(done)).is_ok() {
-            let _ = written.recv_timeout(wait);
+        let (done, written) = std::sync::mpsc::sync_channel(1);
+        let mut pending = self.shared.lock();
+        pending.flushed.push(done);
+        let wake = std::mem::take(&mut pending.idle);
+        drop(pending);
+        if wake {
+            self.shared.wake.notify_one();
         }
+        let _ = written.recv_timeout(Duration::from_secs(1));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
 
     /// A writer that records each `write` call it gets.
     #[derive(Clone, Default)]
@@ -168,21 +207,39 @@ mod tests {
         }
     }
 
+    fn queue(limit: usize) -> Queue {
+        Queue {
+            shared: Arc::new(Shared {
+                pending: Mutex::default(),
+                wake: Condvar::new(),
+                limit,
+            }),
+        }
+    }
+
     #[test]
-    fn lines_queued_together_go_out_in_one_write_and_a_full_queue_drops_and_counts() {
-        let recorder = Recorder::default();
-        let (lines, received) = sync_channel(4);
-        let mut queue = Queue { lines };
+    fn pending_lines_go_out_in_one_write_and_past_the_limit_are_dropped_and_counted() {
+        let mut queue = queue(28);
         let before = dropped_lines();
         for i in 0..6 {
             queue.write_all(format!("line {i}\n").as_bytes()).unwrap();
         }
-        // Four fit; the fifth and sixth were dropped and counted, without blocking.
+        // Four lines of 7 bytes fit in 28; the fifth and sixth were dropped, without waiting.
         assert_eq!(dropped_lines() - before, 2);
-        drop(queue);
-        write_out(received, recorder.clone());
+        let mut recorder = Recorder::default();
+        write_batch(&queue.shared, &mut recorder, &mut Vec::new());
         let writes = recorder.0.lock().unwrap();
-        assert_eq!(writes.len(), 1, "one write for the four queued lines");
+        assert_eq!(writes.len(), 1, "one write for the four pending lines");
         assert_eq!(writes[0], b"line 0\nline 1\nline 2\nline 3\n");
+    }
+
+    #[test]
+    fn the_guard_writes_out_what_is_pending() {
+        let recorder = Recorder::default();
+        let (mut queue, guard) = Queue::start(recorder.clone(), 1 << 16);
+        queue.write_all(b"last words\n").unwrap();
+        drop(guard);
+        let written: Vec<u8> = recorder.0.lock().unwrap().concat();
+        assert_eq!(written, b"last words\n");
     }
 }
