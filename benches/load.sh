@@ -241,17 +241,10 @@ HAP_PID=$!
 taskset -c "$PROXY_CORE" "$BARE_BIN" "127.0.0.1:$BARE" "127.0.0.1:$UP" crm.example.com "$work/ca.pem" "Basic $BASIC" >"$work/bare.log" 2>&1 &
 pids+=($!)
 BARE_PID=$!
-for port in $CPA $CPLA; do
-    for _ in $(seq 100); do
-        curl -s -o /dev/null "http://127.0.0.1:$port/readyz" && break
-        sleep 0.1
-    done
-done
-for port in $HAP $BARE; do
-    for _ in $(seq 100); do
-        curl -s -o /dev/null "http://127.0.0.1:$port/" && break
-        sleep 0.1
-    done
+# Polls URL until it answers (10 s at the most).
+wait_http() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; }
+for url in "http://127.0.0.1:$CPA/readyz" "http://127.0.0.1:$CPLA/readyz" "http://127.0.0.1:$HAP/" "http://127.0.0.1:$BARE/"; do
+    wait_http "$url"
 done
 
 # The proxy's main process RSS in KiB.
