@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Instructions per request, counted by valgrind's callgrind: repeatable on a VM where time is
+# not (this one has no hardware counters for `perf stat -e instructions`). Each server runs
+# under callgrind twice, serving 200 and then 1,200 sequential requests over one keep-alive
+# connection; the difference over 1,000 is the per-request cost, start-up and shutdown cancel.
+#
+#   bash benches/instructions.sh                 # h2 upstream
+#   UPSTREAM_HTTP2=0 bash benches/instructions.sh
+#
+# Rows: connector-proxy (Basic) at RUST_LOG=warn and at info (the access log's cost), and the
+# bare hyper-util forwarder (examples/bare_forwarder.rs), against an nginx HTTPS upstream.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+UPSTREAM_HTTP2=${UPSTREAM_HTTP2:-1}
+command -v valgrind >/dev/null && command -v nginx >/dev/null || {
+    echo "needs valgrind and nginx: apt-get install -y valgrind nginx-light" >&2; exit 1; }
+cargo build --release --quiet --bin connector-proxy --example bare_forwarder
+
+work=$(mktemp -d)
+trap '[ -f "$work/up.pid" ] && kill "$(cat "$work/up.pid")" 2>/dev/null; rm -rf "$work"' EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+UP=$(free_port); PX=$(free_port); ADMIN=$(free_port)
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+    -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=crm.example.com" \
+    -keyout "$work/crm.key" -out "$work/crm.csr" 2>/dev/null
+printf 'subjectAltName=DNS:crm.example.com\n' >"$work/ext"
+openssl x509 -req -in "$work/crm.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+    -days 2 -extfile "$work/ext" -out "$work/crm.pem" 2>/dev/null
+h2=""; [ "$UPSTREAM_HTTP2" = 1 ] && h2=" http2"
+cat >"$work/up.conf" <<EOF
+worker_processes 1; pid $work/up.pid; error_log $work/up-error.log warn; events {}
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$UP ssl$h2; ssl_certificate $work/crm.pem; ssl_certificate_key $work/crm.key;
+           location / { default_type text/plain; return 200 "ok"; } } }
+EOF
+nginx -c "$work/up.conf" -p "$work" 2>/dev/null
+cat >"$work/proxy.toml" <<EOF
+[server]
+listen = "127.0.0.1:$PX"
+admin_listen = "127.0.0.1:$ADMIN"
+[upstream]
+extra_ca_file = "ca.pem"
+allow_networks = ["127.0.0.0/8"]
+resolve = { "crm.example.com:443" = "127.0.0.1:$UP" }
+[orgs.bench.connectors.basic]
+auth = "basic"
+resource_domain = "https://crm.example.com"
+username = "svc"
+password = "p"
+EOF
+
+# count N COMMAND... -> total instructions of COMMAND serving N requests on 127.0.0.1:$PX
+count() {
+    local n=$1; shift
+    rm -f "$work"/cg.out.*
+    valgrind --tool=callgrind --callgrind-out-file="$work/cg.out.%p" "$@" >"$work/server.log" 2>"$work/valgrind.log" &
+    local pid=$!
+    for _ in $(seq 300); do curl -s -o /dev/null -H 'X-Connector-Name: basic' "http://127.0.0.1:$PX/" && break; sleep 0.2; done
+    python3 - "$n" "$PX" <<'PY'
+import socket, sys
+n, port = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port))
+request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Connector-Name: basic\r\n\r\n"
+for _ in range(n):
+    s.sendall(request)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.endswith(b"ok"):
+        answer += s.recv(65536)
+PY
+    kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+    grep -h '^summary:\|^totals:' "$work"/cg.out.* | awk '{s += $2} END {print s}'
+}
+per_request() { local a b; a=$(count 200 "$@"); b=$(count 1200 "$@"); echo $(( (b - a) / 1000 )); }
+
+echo "instructions per request (callgrind), upstream offers h2: $UPSTREAM_HTTP2"
+warn=$(RUST_LOG=warn per_request target/release/connector-proxy --config "$work/proxy.toml")
+info=$(RUST_LOG=info per_request target/release/connector-proxy --config "$work/proxy.toml")
+bare=$(per_request target/release/examples/bare_forwarder "127.0.0.1:$PX" "127.0.0.1:$UP" crm.example.com "$work/ca.pem" "Basic c3ZjOnA=")
+echo "| server | instructions/request | vs bare |"
+echo "| --- | ---: | ---: |"
+for row in "bare hyper-util forwarder:$bare" "connector-proxy, RUST_LOG=warn:$warn" "connector-proxy, access log at info:$info"; do
+    awk -v name="${row%%:*}" -v n="${row##*:}" -v b="$bare" 'BEGIN {printf "| %s | %d | %.2fx |\n", name, n, n / b}'
+done
