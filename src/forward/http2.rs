@@ -344,10 +344,10 @@ impl Conn {
     /// Sorts an h2 error into the error contract; a connection that has failed or is going away
     /// is forgotten, so the next request (or this one sent again) gets a new one.
     fn failed(&self, error: h2::Error) -> ForwardError {
-        if error.is_go_away() || error.is_io() {
-            if let Some(host) = self.host.upgrade() {
-                host.forget(self.id);
-            }
+        if (error.is_go_away() || error.is_io())
+            && let Some(host) = self.host.upgrade()
+        {
+            host.forget(self.id);
         }
         classify(&error)
     }
