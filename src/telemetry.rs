@@ -38,11 +38,13 @@ pub enum LogFormat {
 pub fn init(format: LogFormat) -> LogGuard {
     let (queue, guard) = Queue::start(io::stdout(), PENDING_LIMIT);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    // No colours, even on a terminal: tracing-subscriber's `ansi` feature styles every field
+    // name even with colours off, about 10 k instructions per canonical line (BENCHMARKS
+    // finding 25), so it is not compiled in.
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_ansi(ansi)
+        .with_ansi(false)
         .with_writer(queue);
     match format {
         LogFormat::Text => subscriber.init(),
