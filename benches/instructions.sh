@@ -18,15 +18,9 @@ cargo build --release --quiet --bin connector-proxy --example bare_forwarder
 
 work=$(mktemp -d)
 trap '[ -f "$work/up.pid" ] && kill "$(cat "$work/up.pid")" 2>/dev/null; rm -rf "$work"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+. benches/common.sh
 UP=$(free_port); PX=$(free_port); ADMIN=$(free_port)
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
-    -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=crm.example.com" \
-    -keyout "$work/crm.key" -out "$work/crm.csr" 2>/dev/null
-printf 'subjectAltName=DNS:crm.example.com\n' >"$work/ext"
-openssl x509 -req -in "$work/crm.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
-    -days 2 -extfile "$work/ext" -out "$work/crm.pem" 2>/dev/null
+make_certs "$work"
 h2=""; [ "$UPSTREAM_HTTP2" = 1 ] && h2=" http2"
 cat >"$work/up.conf" <<EOF
 worker_processes 1; pid $work/up.pid; error_log $work/up-error.log warn; events {}
@@ -35,20 +29,7 @@ http { access_log off; keepalive_requests 1000000;
            location / { default_type text/plain; return 200 "ok"; } } }
 EOF
 nginx -c "$work/up.conf" -p "$work" 2>/dev/null
-cat >"$work/proxy.toml" <<EOF
-[server]
-listen = "127.0.0.1:$PX"
-admin_listen = "127.0.0.1:$ADMIN"
-[upstream]
-extra_ca_file = "ca.pem"
-allow_networks = ["127.0.0.0/8"]
-resolve = { "crm.example.com:443" = "127.0.0.1:$UP" }
-[orgs.bench.connectors.basic]
-auth = "basic"
-resource_domain = "https://crm.example.com"
-username = "svc"
-password = "p"
-EOF
+basic_config "$work/proxy.toml" "$PX" "$ADMIN" "$UP" svc p
 
 # count N COMMAND... -> total instructions of COMMAND serving N requests on 127.0.0.1:$PX
 count() {

@@ -66,18 +66,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+. benches/common.sh
 UP=$(free_port); NGX=$(free_port); CP=$(free_port); CPA=$(free_port); REDIS=$(free_port)
 HAP=$(free_port); BARE=$(free_port); CPL=$(free_port); CPLA=$(free_port)
 
-# A test CA and a certificate for crm.example.com, for this run only.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
-    -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=crm.example.com" \
-    -keyout "$work/crm.key" -out "$work/crm.csr" 2>/dev/null
-printf 'subjectAltName=DNS:crm.example.com\n' >"$work/ext"
-openssl x509 -req -in "$work/crm.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
-    -days 2 -extfile "$work/ext" -out "$work/crm.pem" 2>/dev/null
+make_certs "$work"
 
 BASIC=$(printf 'svc-flow:bench-password' | base64)
 
@@ -174,21 +167,8 @@ backend crm
     server crm 127.0.0.1:$UP ssl verify required ca-file $work/ca.pem sni str(crm.example.com) verifyhost crm.example.com $HAP_ALPN
 EOF
 
-cat >"$work/connector-proxy.toml" <<EOF
-[server]
-listen = "127.0.0.1:$CP"
-admin_listen = "127.0.0.1:$CPA"
-
-[upstream]
-extra_ca_file = "ca.pem"
-allow_networks = ["127.0.0.0/8"]
-resolve = { "crm.example.com:443" = "127.0.0.1:$UP" }
-
-[orgs.bench.connectors.basic]
-auth = "basic"
-resource_domain = "https://crm.example.com"
-username = "svc-flow"
-password = "bench-password"
+basic_config "$work/connector-proxy.toml" "$CP" "$CPA" "$UP" svc-flow bench-password
+cat >>"$work/connector-proxy.toml" <<EOF
 
 [orgs.bench.connectors.oauth]
 auth = "oauth2"
