@@ -84,7 +84,8 @@ impl App {
     }
 
     /// Whether an admin request may be served: always without `server.admin_token`, else only
-    /// with exactly one `Authorization: Bearer <admin_token>`. Read from the running
+    /// with exactly one `Authorization` carrying it, as `Bearer <admin_token>` or as the
+    /// password of `Basic` (how a browser sends it for the status page). Read from the running
     /// configuration, so that a reload rotates the token.
     pub fn admin_authorized(&self, headers: &http::HeaderMap) -> bool {
         let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
