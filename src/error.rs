@@ -120,9 +120,9 @@ impl From<ForwardError> for ProxyError {
         let message = error.to_string();
         match error {
             ForwardError::AddressDenied(_) => Self::AddressDenied(message),
-            ForwardError::Unreachable(_)
-            | ForwardError::NotProcessed(_)
-            | ForwardError::NotSent(_) => Self::UpstreamUnreachable(message),
+            ForwardError::Unreachable(_) | ForwardError::NotProcessed(_) => {
+                Self::UpstreamUnreachable(message)
+            }
             ForwardError::Tls(_) => Self::UpstreamTls(message),
             ForwardError::Timeout(_) => {
                 Self::UpstreamTimeout(format!("{message} (upstream.request_timeout)"))

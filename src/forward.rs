@@ -1,29 +1,28 @@
 //! The upstream client: rustls (web roots plus `upstream.extra_ca_file`, verification always on),
 //! the address policy, pooling (one connection set per target authority, HTTP/2 where ALPN
-//! offers it) and timeouts. Token requests use the same client.
+//! offers it, HTTP/1.1 otherwise) and timeouts. Token requests use the same client.
 
 pub mod connect;
+pub mod http1;
 pub mod http2;
 pub mod policy;
 
-use std::error::Error as _;
 use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, Version};
+use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioTimer;
 use tokio::time::Instant;
 
 use crate::body::IdleTimeout;
 use crate::config::{ClientIdentity, UpstreamSettings};
 pub use crate::metrics::Handshakes;
 use connect::{ConnectError, ConnectSettings, UpstreamConnector};
+use http1::{Http1Body, Http1Pool, Sent};
 use http2::{Http2Body, Http2Pool, Route};
 use policy::AddressPolicy;
 
@@ -31,8 +30,8 @@ use policy::AddressPolicy;
 /// `request_timeout`), or one the proxy holds whole (a token request, a replayed request).
 pub type UpstreamBody = Either<IdleTimeout<Incoming>, Full<Bytes>>;
 
-/// A response body from upstream: read from an HTTP/2 stream, or from hyper's HTTP/1.1 client.
-pub type ReceivedBody = Either<Http2Body, Incoming>;
+/// A response body from upstream: read from an HTTP/2 stream, or from an HTTP/1.1 connection.
+pub type ReceivedBody = Either<Http2Body, Http1Body>;
 
 /// What went wrong upstream, already sorted into the error contract's kinds. Messages name the
 /// host and cause, never a credential.
@@ -48,10 +47,6 @@ pub enum ForwardError {
     /// REFUSED_STREAM): safe to send again on a new connection, whatever the method.
     #[error("{0}")]
     NotProcessed(String),
-    /// The connection closed while the request waited to be written; sent again only when
-    /// the method is idempotent, in case it left after all.
-    #[error("{0}")]
-    NotSent(String),
     /// No answer by the deadline; carries the limit it was set from, for the message.
     #[error("no response headers within {0:?}")]
     Timeout(Duration),
@@ -60,11 +55,8 @@ pub enum ForwardError {
 #[derive(Clone)]
 pub struct Upstream {
     http2: Arc<Http2Pool>,
-    /// For servers that chose HTTP/1.1 (hyper's pooled client).
-    client: Client<UpstreamConnector, UpstreamBody>,
-    /// A pool of its own for requests sent again after the upstream turned them away: the
-    /// main pool may still hand out the connection that is closing.
-    retry_client: Client<UpstreamConnector, UpstreamBody>,
+    /// For servers that chose HTTP/1.1.
+    http1: Arc<Http1Pool>,
     request_timeout: Duration,
 }
 
@@ -106,17 +98,9 @@ impl Upstream {
                 handshakes,
             },
         );
-        let client = || {
-            Client::builder(QueuedLast)
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(IDLE_TIMEOUT)
-                .build(connector.clone())
-        };
         Self {
             http2: Arc::new(Http2Pool::new(connector.clone(), IDLE_TIMEOUT)),
-            client: client(),
-            retry_client: client(),
+            http1: Arc::new(Http1Pool::new(connector, IDLE_TIMEOUT)),
             request_timeout: settings.request_timeout,
         }
     }
@@ -127,63 +111,50 @@ impl Upstream {
         self.request_timeout
     }
 
-    /// Sends `request` and waits for the response headers until `deadline`.
+    /// Sends `first`, waiting until `deadline` for an answer, whatever the number of sends it
+    /// takes: one deadline covers them all. When the upstream turned it away unprocessed
+    /// ([`ForwardError::NotProcessed`], as HTTP/2 servers do to streams beyond a graceful
+    /// GOAWAY), sends what `again` builds on another connection (the HTTP/2 pool forgets a
+    /// connection going away), up to [`UNPROCESSED_RETRIES`] times. `again` answering `None`
+    /// ends the attempts with the last error. (A request that a closing HTTP/1.1 connection
+    /// handed back unsent goes to another connection within the HTTP/1.1 pool, whatever its
+    /// body.)
+    pub async fn send_resending(
+        &self,
+        first: Request<UpstreamBody>,
+        deadline: Instant,
+        mut again: impl FnMut() -> Option<Request<UpstreamBody>>,
+    ) -> Result<Response<ReceivedBody>, ForwardError> {
+        let mut result = self.send(first, deadline).await;
+        for _ in 0..UNPROCESSED_RETRIES {
+            let Err(ForwardError::NotProcessed(why)) = &result else {
+                break;
+            };
+            tracing::debug!(%why, "sending again on another connection");
+            let Some(request) = again() else { break };
+            result = self.send(request, deadline).await;
+        }
+        result
+    }
+
+    /// Sends `request` on one of its authority's HTTP/2 connections, or on an HTTP/1.1 one
+    /// where the server chose HTTP/1.1, and waits for the response head until `deadline`, which
+    /// covers connecting too.
     pub async fn send(
         &self,
         request: Request<UpstreamBody>,
         deadline: Instant,
     ) -> Result<Response<ReceivedBody>, ForwardError> {
-        self.send_on(&self.client, request, deadline).await
-    }
-
-    /// Sends `first`, waiting until `deadline` for an answer, whatever the number of sends it
-    /// takes: one deadline covers them all. When the upstream turned it
-    /// away unprocessed ([`ForwardError::NotProcessed`], as HTTP/2 servers do to streams beyond a
-    /// graceful GOAWAY), or with `unsent_too` when hyper dropped it unsent
-    /// ([`ForwardError::NotSent`]), sends what `again` builds on a new connection (the HTTP/2
-    /// pool forgets a connection going away; HTTP/1.1 requests go to the retry pool, as the main
-    /// pool may still hand out the closing connection), up to [`UNPROCESSED_RETRIES`] times.
-    /// `again` answering `None` ends the attempts with the last error.
-    pub async fn send_resending(
-        &self,
-        first: Request<UpstreamBody>,
-        deadline: Instant,
-        unsent_too: bool,
-        mut again: impl FnMut() -> Option<Request<UpstreamBody>>,
-    ) -> Result<Response<ReceivedBody>, ForwardError> {
-        let mut result = self.send_on(&self.client, first, deadline).await;
-        for _ in 0..UNPROCESSED_RETRIES {
-            let why = match &result {
-                Err(ForwardError::NotProcessed(why)) => why,
-                Err(ForwardError::NotSent(why)) if unsent_too => why,
-                _ => break,
-            };
-            tracing::debug!(%why, "sending again on another connection");
-            let Some(request) = again() else { break };
-            result = self.send_on(&self.retry_client, request, deadline).await;
-        }
-        result
-    }
-
-    /// Sends on the authority's HTTP/2 connection, or on `client` where the server chose
-    /// HTTP/1.1; `deadline` covers connecting too.
-    async fn send_on(
-        &self,
-        client: &Client<UpstreamConnector, UpstreamBody>,
-        mut request: Request<UpstreamBody>,
-        deadline: Instant,
-    ) -> Result<Response<ReceivedBody>, ForwardError> {
         let exchange = async {
             match self.http2.route(request.uri()).await? {
                 Route::Http2(conn) => Ok(conn.send(request).await?.map(Either::Left)),
-                Route::Http1 => {
-                    // An HTTP/2-versioned request would fail on a pooled HTTP/1 connection.
-                    *request.version_mut() = Version::HTTP_11;
-                    match client.request(request).await {
-                        Ok(response) => Ok(response.map(Either::Right)),
-                        Err(e) => Err(classify(e)),
+                Route::Http1 => match self.http1.send(request).await? {
+                    Sent::Http1(response) => Ok(response.map(Either::Right)),
+                    Sent::OffersHttp2(stream, request) => {
+                        let conn = self.http2.adopt(request.uri(), stream).await?;
+                        Ok(conn.send(request).await?.map(Either::Left))
                     }
-                }
+                },
             }
         };
         match tokio::time::timeout_at(deadline, exchange).await {
@@ -226,21 +197,6 @@ where
     });
 }
 
-/// hyper-util's pool spawns its connections' tasks (HTTP/1.1, and HTTP/2 where a server offers
-/// it only later) the same way.
-#[derive(Clone, Copy)]
-struct QueuedLast;
-
-impl<F> hyper::rt::Executor<F> for QueuedLast
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, task: F) {
-        spawn_queued_last(task);
-    }
-}
-
 /// How long an upstream connection may sit unused before it is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -250,34 +206,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// connection's end too: at 1,000 callers and N = 1000 two resends still left about one
 /// request in 15,000 refused three times, four left none in the soak (BENCHMARKS finding 16).
 pub const UNPROCESSED_RETRIES: u32 = 4;
-
-/// Finds our own connect error, or HTTP/2's word that a stream was not processed, in hyper's
-/// chain; anything else (a reset, a protocol error) is an unreachable upstream, described by
-/// the innermost cause.
-fn classify(error: hyper_util::client::legacy::Error) -> ForwardError {
-    let mut innermost = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        if let Some(connect) = e.downcast_ref::<ConnectError>() {
-            return connect.into();
-        }
-        // hyper drops a request still queued for a connection whose task has ended ("dispatch
-        // task is gone"); there is no predicate for it, only this user-error kind and its words.
-        if e.downcast_ref::<hyper::Error>()
-            .is_some_and(|h| h.is_user() && h.to_string().contains("dispatch task"))
-        {
-            return ForwardError::NotSent(format!("the upstream connection closed first: {e}"));
-        }
-        if let Some(h2) = e.downcast_ref::<h2::Error>()
-            && let not_processed @ ForwardError::NotProcessed(_) = http2::classify(h2)
-        {
-            return not_processed;
-        }
-        innermost = e.to_string();
-        source = e.source();
-    }
-    ForwardError::Unreachable(format!("the upstream connection failed: {innermost}"))
-}
 
 impl From<&ConnectError> for ForwardError {
     fn from(error: &ConnectError) -> Self {

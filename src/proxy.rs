@@ -315,8 +315,7 @@ impl Routes {
     }
 
     /// Sends a copy of `parts` (credentials included) with `body`, for a request that may go
-    /// more than once: again when the upstream turned it away unprocessed, and when hyper
-    /// dropped it unsent if its method is idempotent.
+    /// more than once: again when the upstream turned it away unprocessed.
     async fn send(
         &self,
         parts: &http::request::Parts,
@@ -330,10 +329,9 @@ impl Routes {
             *request.headers_mut() = parts.headers.clone();
             request
         };
-        let unsent_too = parts.method.is_idempotent();
         Ok(self
             .upstream
-            .send_resending(copy(), deadline, unsent_too, || Some(copy()))
+            .send_resending(copy(), deadline, || Some(copy()))
             .await?)
     }
 }

@@ -214,3 +214,120 @@ async fn tls_sessions_to_an_upstream_are_resumed_and_counted() {
     assert_eq!(count("full"), 1.0, "resumed: {}", count("resumed"));
     assert_eq!(count("resumed"), 3.0);
 }
+
+/// A response body of unknown length (chunked) ends the response as surely as a
+/// `content-length` does: the connection goes back to its authority and the next request uses
+/// it.
+#[tokio::test]
+async fn an_http1_connection_is_reused_after_a_chunked_answer() {
+    let pki = Pki::new();
+    let name = "chunked.example.com";
+    let config = server_config(&pki.leaf(&[name]), &[b"http/1.1"]);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let (addr, _task) = accept_tls(config, move |tls| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let service = hyper::service::service_fn(|_req| async {
+                let pieces = Pieces(vec!["k", "o"]);
+                Ok::<_, std::convert::Infallible>(http::Response::new(pieces))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(
+        &one_basic_connector("c", name, addr, ""),
+        &[("ca.pem", &pki.ca_pem())],
+        &[],
+    );
+    for _ in 0..3 {
+        let answer = get(proxy.addr, "/", &[("x-connector-name", "c")]).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, "ok");
+        assert!(answer.headers.get("content-length").is_none());
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A body of no announced length, sent piece by piece (last first): hyper sends it chunked.
+struct Pieces(Vec<&'static str>);
+
+impl hyper::body::Body for Pieces {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let piece = self.0.pop();
+        std::task::Poll::Ready(
+            piece.map(|p| Ok(hyper::body::Frame::data(Bytes::from_static(p.as_bytes())))),
+        )
+    }
+}
+
+/// A server that spoke HTTP/1.1 and now chooses HTTP/2 (a gateway upgraded behind the same
+/// name): the connection the HTTP/1.1 pool made and found speaking h2 goes to the HTTP/2 pool,
+/// which serves that request and the next ones.
+#[tokio::test]
+async fn an_upstream_that_starts_choosing_http2_is_served_over_http2() {
+    let pki = Pki::new();
+    let name = "upgraded.example.com";
+    let leaf = pki.leaf(&[name]);
+    let http1 = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(&leaf, &[b"http/1.1"])));
+    let http2 = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(&leaf, &[b"h2"])));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let versions = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = versions.clone();
+    let _server = tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let seen = seen.clone();
+            let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                seen.lock().unwrap().push(req.version());
+                async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"ok")),
+                    ))
+                }
+            });
+            let acceptor = if n == 0 { http1.clone() } else { http2.clone() };
+            tokio::spawn(async move {
+                let io = TokioIo::new(acceptor.accept(tcp).await.unwrap());
+                let _ = if n == 0 {
+                    // One answer, then the connection closes: the next request needs another.
+                    hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(io, service)
+                        .await
+                } else {
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service)
+                        .await
+                };
+            });
+        }
+    });
+    let proxy = Proxy::start(
+        &one_basic_connector("c", name, addr, ""),
+        &[("ca.pem", &pki.ca_pem())],
+        &[],
+    );
+    for _ in 0..3 {
+        let answer = get(proxy.addr, "/", &[("x-connector-name", "c")]).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        assert_eq!(answer.body, "ok");
+    }
+    use http::Version;
+    assert_eq!(
+        *versions.lock().unwrap(),
+        [Version::HTTP_11, Version::HTTP_2, Version::HTTP_2]
+    );
+}

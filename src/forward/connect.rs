@@ -1,10 +1,9 @@
-//! The connector behind the pooled client: pin or DNS, the address policy on each address
+//! The connector behind both pools: pin or DNS, the address policy on each address
 //! actually dialled, TCP, then TLS with ALPN. Written by hand rather than wrapping
 //! hyper-util's `HttpConnector`, which dials IP-literal hosts without asking a resolver and so
 //! would bypass the policy.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -14,8 +13,6 @@ use std::time::Duration;
 
 use http::Uri;
 use http::uri::Authority;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -96,15 +93,28 @@ impl UpstreamConnector {
     /// authority has fewer than `max_connections_per_host` connections: the wait for that is
     /// not connect time (the caller's deadline bounds it), the connect is.
     pub async fn connect(&self, uri: &Uri) -> Result<UpstreamStream, ConnectError> {
-        let slot = self
-            .inner
-            .slot(uri)
-            .acquire_owned()
-            .await
-            .expect("never closed");
+        let slot = self.slots(uri).acquire_owned().await.expect("never closed");
+        self.connect_in(uri, slot).await
+    }
+
+    /// `uri`'s authority's connection slots (`upstream.max_connections_per_host`); a
+    /// connection holds one for its life.
+    pub fn slots(&self, uri: &Uri) -> Arc<Semaphore> {
+        self.inner.slot(uri)
+    }
+
+    /// A TLS connection to `uri`'s authority within `upstream.connect_timeout`, in `slot`.
+    pub async fn connect_in(
+        &self,
+        uri: &Uri,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<UpstreamStream, ConnectError> {
         let timeout = self.inner.timeout;
         match tokio::time::timeout(timeout, self.inner.connect(uri)).await {
-            Ok(result) => result.map(|tls| UpstreamStream { tls, _slot: slot }),
+            Ok(result) => result.map(|tls| UpstreamStream {
+                tls: Box::new(tls),
+                _slot: slot,
+            }),
             Err(_) => Err(ConnectError::Timeout {
                 host: uri.host().unwrap_or_default().to_owned(),
                 timeout,
@@ -131,33 +141,13 @@ impl UpstreamConnector {
             .push((authority, stream));
     }
 
-    fn unpark(&self, uri: &Uri) -> Option<UpstreamStream> {
+    /// The connection the HTTP/2 pool parked for `uri`'s authority, if any.
+    pub fn unpark(&self, uri: &Uri) -> Option<UpstreamStream> {
         let mut parked = self.inner.parked.lock().expect("parked lock");
         let i = parked
             .iter()
             .position(|(a, _)| Some(a) == uri.authority())?;
         Some(parked.swap_remove(i).1)
-    }
-}
-
-impl tower_service::Service<Uri> for UpstreamConnector {
-    type Response = TokioIo<UpstreamStream>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connector = self.clone();
-        Box::pin(async move {
-            let stream = match connector.unpark(&uri) {
-                Some(stream) => stream,
-                None => connector.connect(&uri).await?,
-            };
-            Ok(TokioIo::new(stream))
-        })
     }
 }
 
@@ -256,24 +246,16 @@ impl Inner {
 /// A TLS connection to an upstream, holding one of its authority's connection slots; tells the
 /// pool whether ALPN chose HTTP/2.
 pub struct UpstreamStream {
-    tls: TlsStream<TcpStream>,
+    /// Boxed: a rustls connection is about a kilobyte, and every future that holds a stream
+    /// for a moment (a connect, a hand-over between the pools) would otherwise carry room for
+    /// it in each request's state (BENCHMARKS finding 26).
+    tls: Box<TlsStream<TcpStream>>,
     _slot: OwnedSemaphorePermit,
 }
 
 impl UpstreamStream {
     pub fn is_h2(&self) -> bool {
         self.tls.get_ref().1.alpn_protocol() == Some(b"h2")
-    }
-}
-
-impl Connection for UpstreamStream {
-    fn connected(&self) -> Connected {
-        let connected = Connected::new();
-        if self.is_h2() {
-            connected.negotiated_h2()
-        } else {
-            connected
-        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! pooled client each request paid a pool checkout, a channel hop to hyper's dispatch task and
 //! a task spawned to wait for its answer (BENCHMARKS finding 12); here the handler opens its
 //! stream on the connection itself and waits for the answer itself. An authority whose server
-//! does not offer `h2` by ALPN is remembered, and its connection handed to the HTTP/1.1 pool.
+//! does not offer `h2` by ALPN is remembered, and its connection handed to the HTTP/1.1 pool
+//! (which hands back a connection on which the server chose `h2` after all).
 //! Authorities are those of the configured resource domains, token and validation URLs, so the
 //! map stays small.
 
@@ -23,7 +24,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::task::AbortHandle;
 
-use super::connect::{ConnectError, UpstreamConnector};
+use super::connect::{ConnectError, UpstreamConnector, UpstreamStream};
 use super::{ForwardError, UpstreamBody};
 use crate::body::BoxError;
 
@@ -154,6 +155,31 @@ impl Http2Pool {
             self.connector.park(authority.clone(), stream);
             return Ok(Route::Http1);
         }
+        Ok(Route::Http2(self.establish(authority, host, stream).await?))
+    }
+
+    /// Takes over `stream`, which the HTTP/1.1 pool made to a server that now chose HTTP/2:
+    /// the authority's requests come here again.
+    pub async fn adopt(&self, uri: &Uri, stream: UpstreamStream) -> Result<Conn, ForwardError> {
+        let Some(authority) = uri.authority() else {
+            return Err(ConnectError::NotHttps.into());
+        };
+        let host = {
+            let mut hosts = self.hosts.lock().expect("pool lock");
+            hosts.entry(authority.clone()).or_default().clone()
+        };
+        host.http1.store(false, Ordering::Relaxed);
+        Box::pin(self.establish(authority, &host, stream)).await
+    }
+
+    /// The HTTP/2 handshake on `stream`, then the connection's task, then the wait for the
+    /// server's settings.
+    async fn establish(
+        &self,
+        authority: &Authority,
+        host: &Arc<Host>,
+        stream: UpstreamStream,
+    ) -> Result<Conn, ForwardError> {
         let (send, mut connection) = h2::client::Builder::new()
             .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
             .initial_window_size(STREAM_WINDOW)
@@ -199,7 +225,7 @@ impl Http2Pool {
             }
         }
         host.conns.lock().expect("host lock").push(conn.clone());
-        Ok(Route::Http2(conn))
+        Ok(conn)
     }
 }
 
@@ -229,7 +255,7 @@ impl Host {
 /// stream is done. It holds no request handle itself: h2 closes the connection once the last
 /// handle is dropped and no stream is left.
 async fn drive(
-    connection: h2::client::Connection<super::connect::UpstreamStream, Bytes>,
+    connection: h2::client::Connection<UpstreamStream, Bytes>,
     conn: Watch,
     idle_timeout: Duration,
 ) {

@@ -99,13 +99,13 @@ impl TokenEndpoint {
         let request = self.build(&grant)?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         let exchange = async {
-            // Sent again when the endpoint turned it away unprocessed or it never left: a token
+            // Sent again when the endpoint turned it away unprocessed: a token
             // server behind HTTP/2 closing connections (nginx's keepalive_requests) would
             // otherwise fail every caller for the whole back-off.
             let again = || self.build(&grant).ok();
             let response = self
                 .upstream
-                .send_resending(request, deadline, true, again)
+                .send_resending(request, deadline, again)
                 .await
                 .map_err(|e| match e {
                     ForwardError::Timeout(_) => TokenError::Timeout(self.timeout),
