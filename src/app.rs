@@ -213,14 +213,16 @@ impl App {
                         Ok(_) => Ok("token obtained".to_owned()),
                         Err(e) => Err(e.to_string()),
                     },
-                    (Credentials::Basic(_), Some(url)) => {
+                    (Credentials::Basic(_) | Credentials::ApiKey { .. }, Some(url)) => {
                         match validate(&connector, &upstream, url).await {
                             Validation::Ok { .. } => Ok("validation URL answered 2xx".to_owned()),
                             Validation::Failed { error, .. } => Err(error),
                             Validation::None | Validation::Pending => Err("not checked".to_owned()),
                         }
                     }
-                    (Credentials::Basic(_), None) => Ok("no validation_url to call".to_owned()),
+                    (Credentials::Basic(_) | Credentials::ApiKey { .. }, None) => {
+                        Ok("no validation_url to call".to_owned())
+                    }
                 };
                 (
                     connector.org.clone(),
@@ -239,7 +241,7 @@ impl App {
         rows
     }
 
-    /// Checks every Basic connector's `validation_url` in the background (GET with its
+    /// Checks every Basic and API-key connector's `validation_url` in the background (GET with its
     /// credentials; 2xx is valid). Reported, not enforced: requests flow either way.
     pub fn validate_connectors(&self) {
         let routes = self.proxy.routes();
@@ -324,14 +326,15 @@ fn build_routes(
 
 async fn validate(connector: &Connector, upstream: &Upstream, url: http::Uri) -> Validation {
     let at = SystemTime::now();
-    let authorization = match &connector.credentials {
-        Credentials::Basic(value) => value.clone(),
+    let value = match &connector.credentials {
+        Credentials::Basic(value) | Credentials::ApiKey { value, .. } => value,
         Credentials::OAuth(_) => return Validation::None,
     };
     let mut request = Request::new(Either::Right(Full::default()));
     *request.method_mut() = Method::GET;
-    *request.uri_mut() = url;
-    request.headers_mut().insert(AUTHORIZATION, authorization);
+    let mut uri = url;
+    (connector.credentials.placement()).apply(&mut uri, request.headers_mut(), value);
+    *request.uri_mut() = uri;
     let deadline = tokio::time::Instant::now() + upstream.request_timeout();
     match upstream.send(request, deadline).await {
         Ok(response) if response.status().is_success() => Validation::Ok { at },

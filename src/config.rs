@@ -110,7 +110,7 @@ pub struct ConnectorConfig {
     pub org: String,
     pub name: String,
     pub resource_domain: ResourceDomain,
-    /// Basic connectors only; always inside the resource domain, so that validation never sends
+    /// Basic and API-key connectors only; always inside the resource domain, so that validation never sends
     /// the credentials anywhere a request could not.
     pub validation_url: Option<Uri>,
     pub auth: AuthConfig,
@@ -120,6 +120,22 @@ pub struct ConnectorConfig {
 pub enum AuthConfig {
     Basic { username: String, password: Secret },
     OAuth2(Box<OAuthClient>),
+    ApiKey(ApiKey),
+}
+
+/// `auth = "api_key"`: a fixed key, sent in a header or in the query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKey {
+    pub placement: KeyPlacement,
+    pub value: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyPlacement {
+    /// `prefix` goes before the key (`"Bearer "` for `Authorization`), empty by default.
+    Header { name: HeaderName, prefix: String },
+    /// The caller's own parameter of that name is taken out first.
+    Query { param: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -218,6 +234,7 @@ impl AuthConfig {
         match self {
             Self::Basic { .. } => "basic",
             Self::OAuth2(_) => "oauth2",
+            Self::ApiKey(_) => "api_key",
         }
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use connector_proxy::app::App;
-use connector_proxy::config::{self, AuthConfig, Config};
+use connector_proxy::config::{self, AuthConfig, Config, KeyPlacement};
 use connector_proxy::server::{self, Server};
 use connector_proxy::telemetry;
 
@@ -146,6 +146,15 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
                     o.client_auth.kind().as_str(),
                     o.token_url
                 ),
+                AuthConfig::ApiKey(key) => match &key.placement {
+                    KeyPlacement::Header { name, prefix } if prefix.is_empty() => {
+                        format!("api_key, header {name}")
+                    }
+                    KeyPlacement::Header { name, prefix } => {
+                        format!("api_key, header {name}, prefix {prefix:?}")
+                    }
+                    KeyPlacement::Query { param } => format!("api_key, query_param {param}"),
+                },
             };
             println!(
                 "  connector {:?}: {how}, resource_domain {}",

@@ -262,6 +262,9 @@ impl Routes {
         rewrite_request_headers(&mut parts.headers, &self.connector_header, &self.org_header);
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
         parts.uri = target.uri;
+        // The credential before anything is copied: a copy then has room for it.
+        let placement = connector.credentials.placement();
+        placement.apply(&mut parts.uri, &mut parts.headers, &authorization);
         // One deadline for the request, from here to the response head: reading a kept body,
         // every resend and the 401 replay all count against it.
         let timeout = self.upstream.request_timeout();
@@ -271,18 +274,17 @@ impl Routes {
         // unprocessed (an empty body is always in hand).
         let kept = match &connector.credentials {
             Credentials::OAuth(_) => replay.keep(&parts.headers, body, deadline, timeout).await?,
-            Credentials::Basic(_) if body.is_end_stream() => Kept::empty(),
-            Credentials::Basic(_) => Kept::Streamed(body),
+            Credentials::Basic(_) | Credentials::ApiKey { .. } if body.is_end_stream() => {
+                Kept::empty()
+            }
+            Credentials::Basic(_) | Credentials::ApiKey { .. } => Kept::Streamed(body),
         };
         let upstream_started = Instant::now();
         let mut response = match kept {
             Kept::Streamed(body) => {
                 // Sent once: the request's own parts go upstream, nothing is copied.
                 let body = Either::Left(IdleTimeout::new(body, timeout));
-                let mut request = Request::from_parts(parts, body);
-                request
-                    .headers_mut()
-                    .insert(header::AUTHORIZATION, authorization.clone());
+                let request = Request::from_parts(parts, body);
                 let response = self.upstream.send(request, deadline).await?;
                 if response.status() == StatusCode::UNAUTHORIZED {
                     // Not replayed (the body went): still renew the token for the next caller.
@@ -291,10 +293,6 @@ impl Routes {
                 response
             }
             Kept::Whole { body, _memory } => {
-                // Set before copying: a copy then has room for it (no growing per attempt).
-                parts
-                    .headers
-                    .insert(header::AUTHORIZATION, authorization.clone());
                 let first = self.send(&parts, body.clone(), deadline).await?;
                 if first.status() == StatusCode::UNAUTHORIZED
                     && connector.credentials.reject(&authorization)
@@ -302,7 +300,7 @@ impl Routes {
                     drop(first);
                     let (renewed, _) = connector.credentials.authorization().await?;
                     trace.token = Some("replayed");
-                    parts.headers.insert(header::AUTHORIZATION, renewed);
+                    placement.apply(&mut parts.uri, &mut parts.headers, &renewed);
                     self.send(&parts, body, deadline).await?
                 } else {
                     first

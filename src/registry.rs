@@ -5,11 +5,13 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::cluster::Cluster;
-use crate::config::{AuthConfig, ClientAuth, Config, ConnectorConfig, Grant, OAuthClient};
+use crate::config::{
+    AuthConfig, ClientAuth, Config, ConnectorConfig, Grant, KeyPlacement, OAuthClient,
+};
 use crate::credentials::oauth::assertion::{AssertionError, AssertionSigner};
 use crate::credentials::oauth::token_client::TokenEndpoint;
 use crate::credentials::oauth::{Shared, TokenSource};
-use crate::credentials::{Credentials, basic_header};
+use crate::credentials::{Credentials, Placement, api_key, basic_header};
 use crate::forward::{self, Upstream};
 use crate::metrics::{ConnectorLabels, Metrics, connector_labels};
 use crate::secret::Secret;
@@ -63,7 +65,7 @@ pub struct Connector {
     pub validation: Mutex<Validation>,
 }
 
-/// The last check of a Basic connector's `validation_url`.
+/// The last check of a Basic or API-key connector's `validation_url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Validation {
     /// No validation URL configured.
@@ -200,6 +202,15 @@ fn credentials(
                 username,
                 password.expose(),
             )));
+        }
+        AuthConfig::ApiKey(key) => {
+            let (placement, prefix) = match &key.placement {
+                KeyPlacement::Header { name, prefix } => {
+                    (Placement::Header(name.clone()), &**prefix)
+                }
+                KeyPlacement::Query { param } => (Placement::Query(param.clone()), ""),
+            };
+            return Ok(api_key(placement, prefix, key.value.expose()));
         }
         AuthConfig::OAuth2(client) => client,
     };

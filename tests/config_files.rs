@@ -110,6 +110,8 @@ fn valid_configs_pass_and_list_connectors_without_secrets() {
             "acme-inbound",
             "container-inbound",
             "container-admin",
+            "weather-key",
+            "maps-key",
         ] {
             assert!(
                 !stdout.contains(secret) && !stderr.contains(secret),
@@ -123,6 +125,8 @@ fn valid_configs_pass_and_list_connectors_without_secrets() {
         "\"Contact Center Connector\": basic",
         "\"billing\": oauth2",
         "\"legacy\": oauth2",
+        "\"weather\": api_key",
+        "\"maps\": api_key",
     ] {
         assert!(stdout.contains(line), "{line} not in\n{stdout}");
     }
@@ -146,7 +150,7 @@ fn version_and_check_are_what_people_try_first() {
     let mut lines = stdout.lines();
     assert_eq!(
         lines.next(),
-        Some(format!("{}: ok, 1 org(s), 3 connector(s)", file.display()).as_str()),
+        Some(format!("{}: ok, 1 org(s), 5 connector(s)", file.display()).as_str()),
         "{stdout}"
     );
     // One line per connector: auth, grant, client auth, resource domain.
@@ -154,11 +158,13 @@ fn version_and_check_are_what_people_try_first() {
         .lines()
         .filter(|l| l.trim_start().starts_with("connector "))
         .collect();
-    assert_eq!(connectors.len(), 3, "{stdout}");
+    assert_eq!(connectors.len(), 5, "{stdout}");
     for expected in [
         "connector \"billing\": oauth2, grant client_credentials, client_auth client_secret_post, token_url https://login.example.com/oauth2/token, resource_domain https://billing.example.com/v2",
         "connector \"legacy\": oauth2, grant password, client_auth client_secret_basic, token_url https://legacy.example.com/oauth/token",
         "connector \"Contact Center Connector\": basic, username svc-flow, resource_domain https://crm.example.com",
+        "connector \"weather\": api_key, header authorization, prefix \"Bearer \", resource_domain https://api.weather.example",
+        "connector \"maps\": api_key, query_param key, resource_domain https://maps.example.com",
     ] {
         assert!(
             connectors.iter().any(|l| l.contains(expected)),

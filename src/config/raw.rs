@@ -20,6 +20,10 @@ pub const CONNECTOR_KEYS: &[&str] = &[
     "client_assertion_alg",
     "scope",
     "extra_params",
+    "header",
+    "query_param",
+    "prefix",
+    "value",
 ];
 
 use std::collections::BTreeMap;
@@ -174,13 +178,19 @@ pub struct RawConnector {
     pub client_assertion_alg: Option<Spanned<AssertionAlg>>,
     pub scope: Option<Spanned<String>>,
     pub extra_params: Option<Spanned<BTreeMap<String, String>>>,
+    /// `auth = "api_key"`: the header that carries the key, or the query parameter.
+    pub header: Option<Spanned<String>>,
+    pub query_param: Option<Spanned<String>>,
+    pub prefix: Option<Spanned<String>>,
+    pub value: Option<Spanned<SecretSource>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum AuthKind {
     Basic,
     Oauth2,
+    ApiKey,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

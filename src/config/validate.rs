@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::{HeaderName, Uri};
+use http::{HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -18,6 +18,24 @@ use super::raw::{
 };
 use super::*;
 use crate::secret::SecretSource;
+
+/// Headers an API key may not go in: hop-by-hop and framing headers, the target's `Host`, and
+/// those the proxy reads or sets itself.
+const MANAGED_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "x-request-id",
+    "x-proxy-error",
+];
 
 /// Token request fields the proxy sets itself, which `extra_params` may not replace.
 const PROXY_SET_PARAMS: &[&str] = &[
@@ -44,6 +62,8 @@ struct Validator<'a> {
     here_path: Vec<String>,
     /// Files read besides the configuration itself.
     files: Vec<PathBuf>,
+    /// `server.connector_header` and `server.org_header`, which no API key may go in.
+    proxy_headers: Vec<HeaderName>,
 }
 
 pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
@@ -56,6 +76,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
         here: None,
         here_path: Vec::new(),
         files: Vec::new(),
+        proxy_headers: Vec::new(),
     };
     let mut unknown = Vec::new();
     let parsed = toml::de::DeTable::parse(text).and_then(|document| {
@@ -558,6 +579,12 @@ impl Validator<'_> {
                 raw.connectors.len() - server.max_connectors_per_org
             ));
         }
+        self.proxy_headers = [&server.connector_header, &server.org_header]
+            .into_iter()
+            .filter_map(|h| {
+                HeaderName::from_bytes(h.get_ref().to_ascii_lowercase().as_bytes()).ok()
+            })
+            .collect();
         let mut connectors = BTreeMap::new();
         for (connector_name, connector) in &raw.connectors {
             if let Some(c) = self.connector(name, connector_name, connector) {
@@ -730,7 +757,7 @@ impl Validator<'_> {
             self.problem(
                 Some(span.clone()),
                 &place,
-                "auth is required; add auth = \"basic\" or auth = \"oauth2\"",
+                "auth is required; add auth = \"basic\", \"oauth2\" or \"api_key\"",
             );
             // Which keys apply is unknown, but the secrets this connector names can be loaded.
             for (field, value) in [
@@ -738,6 +765,7 @@ impl Validator<'_> {
                 ("password", &c.password),
                 ("certificate", &c.certificate),
                 ("private_key", &c.private_key),
+                ("value", &c.value),
             ] {
                 if let Some(source) = value {
                     self.secret(source, &place, field);
@@ -767,6 +795,7 @@ impl Validator<'_> {
             Some(AuthKind::Oauth2) => self
                 .oauth2(c, &place)
                 .map(|o| AuthConfig::OAuth2(Box::new(o))),
+            Some(AuthKind::ApiKey) => self.api_key(c, &place).map(AuthConfig::ApiKey),
             None => None,
         };
         let validation_url = match (&c.validation_url, &resource_domain) {
@@ -815,6 +844,10 @@ impl Validator<'_> {
                 ("client_assertion_alg", c.client_assertion_alg.is_some()),
                 ("scope", c.scope.is_some()),
                 ("extra_params", c.extra_params.is_some()),
+                ("header", c.header.is_some()),
+                ("query_param", c.query_param.is_some()),
+                ("prefix", c.prefix.is_some()),
+                ("value", c.value.is_some()),
             ],
         );
         let username = self.required(&c.username, place, "username", CONTEXT, "\"svc-account\"");
@@ -840,13 +873,121 @@ impl Validator<'_> {
         })
     }
 
+    fn api_key(&mut self, c: &RawConnector, place: &str) -> Option<ApiKey> {
+        const CONTEXT: &str = "auth = \"api_key\"";
+        self.unused(
+            place,
+            CONTEXT,
+            &[
+                ("grant", c.grant.is_some()),
+                ("client_auth", c.client_auth.is_some()),
+                ("token_url", c.token_url.is_some()),
+                ("client_id", c.client_id.is_some()),
+                ("client_secret", c.client_secret.is_some()),
+                ("username", c.username.is_some()),
+                ("password", c.password.is_some()),
+                ("certificate", c.certificate.is_some()),
+                ("private_key", c.private_key.is_some()),
+                ("client_assertion_alg", c.client_assertion_alg.is_some()),
+                ("scope", c.scope.is_some()),
+                ("extra_params", c.extra_params.is_some()),
+            ],
+        );
+        let value = self.required(&c.value, place, "value", CONTEXT, "{ env = \"API_KEY\" }");
+        let value = value.and_then(|v| self.secret(v, place, "value"));
+        let placement = match (&c.header, &c.query_param) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    self.connector_key("query_param"),
+                    place,
+                    "header and query_param are both set; an API key goes in one place: remove one",
+                );
+                None
+            }
+            (None, None) => {
+                self.problem(self.here.clone(), place,
+                    "header or query_param is required for auth = \"api_key\"; add header = \"X-API-Key\" \
+                     (or query_param = \"api_key\")");
+                None
+            }
+            (Some(header), None) => self.key_header(header, c.prefix.as_ref(), place),
+            (None, Some(param)) => {
+                if c.prefix.is_some() {
+                    self.problem(
+                        self.connector_key("prefix"),
+                        place,
+                        "prefix applies to an API key in a header; remove it or use header",
+                    );
+                }
+                let name = param.get_ref();
+                if name.is_empty()
+                    || name
+                        .bytes()
+                        .any(|b| !b.is_ascii_graphic() || b"&=#+%".contains(&b))
+                {
+                    self.problem(Some(param.span()), place, format!(
+                        "query_param {name:?} is not a plain parameter name; write one such as \"api_key\""
+                    ));
+                    None
+                } else {
+                    Some(KeyPlacement::Query {
+                        param: name.clone(),
+                    })
+                }
+            }
+        };
+        // Sent as it is: in a header no control character may pass, in the query it is
+        // percent-encoded when the connector is built.
+        if let (Some(secret), Some(KeyPlacement::Header { prefix, .. })) = (&value, &placement)
+            && HeaderValue::from_str(&format!("{prefix}{}", secret.expose())).is_err()
+        {
+            self.problem(c.value.as_ref().map(|v| v.span()), place,
+                "value cannot be sent in a header (a control character or non-ASCII byte); fix the key");
+            return None;
+        }
+        Some(ApiKey {
+            placement: placement?,
+            value: value?,
+        })
+    }
+
+    /// The header of an API key: a valid name, and none of those the proxy itself manages.
+    fn key_header(
+        &mut self,
+        header: &Spanned<String>,
+        prefix: Option<&Spanned<String>>,
+        place: &str,
+    ) -> Option<KeyPlacement> {
+        let name = self.header_name(header, place)?;
+        if MANAGED_HEADERS.contains(&name.as_str()) || self.proxy_headers.contains(&name) {
+            self.problem(Some(header.span()), place, format!(
+                "header {:?} is one the proxy manages itself (hop-by-hop, framing, routing or its \
+                 own); name the header the API wants the key in, such as \"X-API-Key\"",
+                header.get_ref()
+            ));
+            return None;
+        }
+        let prefix = prefix.map(|p| p.get_ref().clone()).unwrap_or_default();
+        Some(KeyPlacement::Header { name, prefix })
+    }
+
     fn oauth2(&mut self, c: &RawConnector, place: &str) -> Option<OAuthClient> {
         const CONTEXT: &str = "auth = \"oauth2\"";
+        self.unused(
+            place,
+            CONTEXT,
+            &[
+                ("header", c.header.is_some()),
+                ("query_param", c.query_param.is_some()),
+                ("prefix", c.prefix.is_some()),
+                ("value", c.value.is_some()),
+            ],
+        );
         if c.validation_url.is_some() {
             self.problem(
                 self.connector_key("validation_url"),
                 place,
-                "validation_url applies to auth = \"basic\"; OAuth connectors are \
+                "validation_url applies to auth = \"basic\" and \"api_key\"; OAuth connectors are \
                 checked by fetching a token (connector-proxy check --online): remove it",
             );
         }
