@@ -333,7 +333,8 @@ async fn validate(connector: &Connector, upstream: &Upstream, url: http::Uri) ->
     let mut request = Request::new(Either::Right(Full::default()));
     *request.method_mut() = Method::GET;
     let mut uri = url;
-    (connector.credentials.placement()).apply(&mut uri, request.headers_mut(), value);
+    let placement = connector.credentials.placement();
+    placement.apply(&mut uri, request.headers_mut(), value);
     *request.uri_mut() = uri;
     let deadline = tokio::time::Instant::now() + upstream.request_timeout();
     match upstream.send(request, deadline).await {

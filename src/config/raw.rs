@@ -185,6 +185,34 @@ pub struct RawConnector {
     pub value: Option<Spanned<SecretSource>>,
 }
 
+impl RawConnector {
+    /// The keys only OAuth connectors take, and whether each is present.
+    pub fn oauth_keys(&self) -> [(&'static str, bool); 10] {
+        [
+            ("grant", self.grant.is_some()),
+            ("client_auth", self.client_auth.is_some()),
+            ("token_url", self.token_url.is_some()),
+            ("client_id", self.client_id.is_some()),
+            ("client_secret", self.client_secret.is_some()),
+            ("certificate", self.certificate.is_some()),
+            ("private_key", self.private_key.is_some()),
+            ("client_assertion_alg", self.client_assertion_alg.is_some()),
+            ("scope", self.scope.is_some()),
+            ("extra_params", self.extra_params.is_some()),
+        ]
+    }
+
+    /// The keys only API-key connectors take, and whether each is present.
+    pub fn api_key_keys(&self) -> [(&'static str, bool); 4] {
+        [
+            ("header", self.header.is_some()),
+            ("query_param", self.query_param.is_some()),
+            ("prefix", self.prefix.is_some()),
+            ("value", self.value.is_some()),
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthKind {

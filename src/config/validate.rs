@@ -830,26 +830,8 @@ impl Validator<'_> {
 
     fn basic(&mut self, c: &RawConnector, place: &str) -> Option<AuthConfig> {
         const CONTEXT: &str = "auth = \"basic\"";
-        self.unused(
-            place,
-            CONTEXT,
-            &[
-                ("grant", c.grant.is_some()),
-                ("client_auth", c.client_auth.is_some()),
-                ("token_url", c.token_url.is_some()),
-                ("client_id", c.client_id.is_some()),
-                ("client_secret", c.client_secret.is_some()),
-                ("certificate", c.certificate.is_some()),
-                ("private_key", c.private_key.is_some()),
-                ("client_assertion_alg", c.client_assertion_alg.is_some()),
-                ("scope", c.scope.is_some()),
-                ("extra_params", c.extra_params.is_some()),
-                ("header", c.header.is_some()),
-                ("query_param", c.query_param.is_some()),
-                ("prefix", c.prefix.is_some()),
-                ("value", c.value.is_some()),
-            ],
-        );
+        self.unused(place, CONTEXT, &c.oauth_keys());
+        self.unused(place, CONTEXT, &c.api_key_keys());
         let username = self.required(&c.username, place, "username", CONTEXT, "\"svc-account\"");
         let password = self.required(
             &c.password,
@@ -875,22 +857,13 @@ impl Validator<'_> {
 
     fn api_key(&mut self, c: &RawConnector, place: &str) -> Option<ApiKey> {
         const CONTEXT: &str = "auth = \"api_key\"";
+        self.unused(place, CONTEXT, &c.oauth_keys());
         self.unused(
             place,
             CONTEXT,
             &[
-                ("grant", c.grant.is_some()),
-                ("client_auth", c.client_auth.is_some()),
-                ("token_url", c.token_url.is_some()),
-                ("client_id", c.client_id.is_some()),
-                ("client_secret", c.client_secret.is_some()),
                 ("username", c.username.is_some()),
                 ("password", c.password.is_some()),
-                ("certificate", c.certificate.is_some()),
-                ("private_key", c.private_key.is_some()),
-                ("client_assertion_alg", c.client_assertion_alg.is_some()),
-                ("scope", c.scope.is_some()),
-                ("extra_params", c.extra_params.is_some()),
             ],
         );
         let value = self.required(&c.value, place, "value", CONTEXT, "{ env = \"API_KEY\" }");
@@ -973,16 +946,7 @@ impl Validator<'_> {
 
     fn oauth2(&mut self, c: &RawConnector, place: &str) -> Option<OAuthClient> {
         const CONTEXT: &str = "auth = \"oauth2\"";
-        self.unused(
-            place,
-            CONTEXT,
-            &[
-                ("header", c.header.is_some()),
-                ("query_param", c.query_param.is_some()),
-                ("prefix", c.prefix.is_some()),
-                ("value", c.value.is_some()),
-            ],
-        );
+        self.unused(place, CONTEXT, &c.api_key_keys());
         if c.validation_url.is_some() {
             self.problem(
                 self.connector_key("validation_url"),

@@ -156,21 +156,21 @@ impl Http1Pool {
             if let Some(stream) = self.connector.unpark(uri) {
                 return Ok(Checkout::New(stream));
             }
-            let waiting = {
+            let found = {
                 let mut state = host.state.lock().expect("host lock");
-                match state.take_idle() {
-                    Some(conn) => Ok(conn),
-                    None => Err(match host.slots.clone().try_acquire_owned() {
-                        Ok(slot) => Ok(slot),
-                        Err(_) => Err(state.wait()),
-                    }),
+                if let Some(conn) = state.take_idle() {
+                    Found::Idle(conn)
+                } else if let Ok(slot) = host.slots.clone().try_acquire_owned() {
+                    Found::Slot(slot)
+                } else {
+                    Found::Queued(state.wait())
                 }
             };
-            let mut conn = match waiting {
-                Ok(conn) => conn,
-                Err(Ok(slot)) => return self.dial(uri, slot).await,
+            let mut conn = match found {
+                Found::Idle(conn) => conn,
+                Found::Slot(slot) => return self.dial(uri, slot).await,
                 // Boxed: a request that finds a connection idle carries no room for waiting.
-                Err(Err(given)) => match Box::pin(self.wait(host, uri, given)).await? {
+                Found::Queued(given) => match Box::pin(self.wait(host, uri, given)).await? {
                     Some(Checkout::Pooled(conn)) => conn,
                     Some(new) => return Ok(new),
                     None => continue,
@@ -248,6 +248,14 @@ impl Http1Pool {
 enum Checkout {
     Pooled(Pooled),
     New(UpstreamStream),
+}
+
+/// What a look at an authority's state found, under its lock.
+enum Found {
+    Idle(Pooled),
+    Slot(OwnedSemaphorePermit),
+    /// A place in the queue of callers waiting for a connection.
+    Queued(oneshot::Receiver<Pooled>),
 }
 
 impl State {
