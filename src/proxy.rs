@@ -184,7 +184,7 @@ impl Proxy {
             .request_duration
             .with(&labels, |h| h.observe(seconds));
         tracing::info!(
-            target: "connector_proxy::access",
+            target: crate::telemetry::access::TARGET,
             request_id = %id,
             org = trace.org().as_deref().unwrap_or("-"),
             connector = trace.connector().as_deref().unwrap_or("-"),
