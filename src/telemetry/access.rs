@@ -10,6 +10,7 @@
 //! other event goes to the stock formatter unchanged. The access event is logged outside any
 //! span, so spans are not written for it.
 
+use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::io;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -44,36 +45,57 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
-        if meta.target() != TARGET {
+        if event.metadata().target() != TARGET {
             return self.stock.format_event(ctx, writer, event);
         }
-        let level = meta.level();
-        if self.json {
-            writer.write_str("{\"timestamp\":\"")?;
-            // The timestamp is digits, dashes, colons and a dot: nothing to escape.
-            self.timer.format_time(&mut writer)?;
-            writer.write_str("\",\"level\":\"")?;
-            writer.write_str(level.as_str())?;
-            writer.write_char('"')?;
-        } else {
-            self.timer.format_time(&mut writer)?;
-            writer.write_char(' ')?;
-            writer.write_str(padded(level))?;
-            writer.write_char(' ')?;
+        // The line is put together in a buffer of the thread's and handed on in one piece:
+        // each write to `writer` is a call through a `dyn fmt::Write`.
+        thread_local! {
+            static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
         }
-        let mut fields = Fields {
-            out: writer.by_ref(),
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                self.line(&mut line, &writer, event)?;
+                writer.write_str(&line)
+            }
+            // Only if a field's `Debug` logged an access event itself.
+            Err(_) => {
+                let mut line = String::new();
+                self.line(&mut line, &writer, event)?;
+                writer.write_str(&line)
+            }
+        })
+    }
+}
+
+impl<F, T: FormatTime> Lines<F, T> {
+    fn line(&self, line: &mut String, writer: &Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        let level = event.metadata().level();
+        if self.json {
+            line.push_str("{\"timestamp\":\"");
+            // The timestamp is digits, dashes, colons and a dot: nothing to escape.
+            self.timer.format_time(&mut Writer::new(line))?;
+            line.push_str("\",\"level\":\"");
+            line.push_str(level.as_str());
+            line.push('"');
+        } else {
+            self.timer.format_time(&mut Writer::new(line))?;
+            line.push(' ');
+            line.push_str(padded(level));
+            line.push(' ');
+        }
+        event.record(&mut Fields {
+            line,
             json: self.json,
             first: true,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
+            sanitize: writer.sanitizes_ansi_escapes(),
+        });
         if self.json {
-            writer.write_char('}')?;
+            line.push('}');
         }
-        writer.write_char('\n')
+        line.push('\n');
+        Ok(())
     }
 }
 
@@ -89,45 +111,49 @@ fn padded(level: &Level) -> &'static str {
 }
 
 /// Writes an event's fields in the text (`name=value`, space-separated, the message bare) or
-/// the flattened JSON (`,"name":value`) form.
-struct Fields<'w> {
-    out: Writer<'w>,
+/// the flattened JSON (`,"name":value`) form. Writing to a `String` cannot fail, so the
+/// `fmt::Result`s of `write!` are not looked at.
+struct Fields<'a> {
+    line: &'a mut String,
     json: bool,
     first: bool,
-    result: fmt::Result,
+    /// The writer escapes terminal control characters in messages.
+    sanitize: bool,
 }
 
 impl Fields<'_> {
     /// The separator and the name, before a value; false for fields that are not written.
     fn name(&mut self, field: &Field) -> bool {
-        if self.result.is_err() {
-            return false;
-        }
         let name = field.name();
         // `log` records carry their metadata as fields; the formatters skip them.
         if name.starts_with("log.") {
             return false;
         }
         let name = name.strip_prefix("r#").unwrap_or(name);
-        self.result = if self.json {
-            self.out
-                .write_str(",\"")
-                .and_then(|()| json_key(&mut self.out, name))
-                .and_then(|()| self.out.write_str("\":"))
+        if self.json {
+            self.line.push_str(",\"");
+            json_key(self.line, name);
+            self.line.push_str("\":");
         } else {
-            let pad = if std::mem::take(&mut self.first) {
-                Ok(())
-            } else {
-                self.out.write_char(' ')
-            };
-            if name == "message" {
-                pad
-            } else {
-                pad.and_then(|()| self.out.write_str(name))
-                    .and_then(|()| self.out.write_char('='))
+            if !std::mem::take(&mut self.first) {
+                self.line.push(' ');
             }
+            if name != "message" {
+                self.line.push_str(name);
+                self.line.push('=');
+            }
+        }
+        true
+    }
+
+    /// The text form's message: bare, with terminal control characters escaped where the
+    /// writer sanitizes them (as the stock formatter does).
+    fn message(&mut self, value: &dyn fmt::Display) {
+        let _ = if self.sanitize {
+            write!(Sanitizing(self.line), "{value}")
+        } else {
+            write!(self.line, "{value}")
         };
-        self.result.is_ok()
     }
 }
 
@@ -136,35 +162,33 @@ impl Visit for Fields<'_> {
         if !self.name(field) {
             return;
         }
-        self.result = if self.json {
-            json_string(&mut self.out, value)
+        if self.json {
+            json_string(self.line, value);
         } else if field.name() == "message" {
-            self.message(&value as &dyn fmt::Display)
+            self.message(&value as &dyn fmt::Display);
         } else {
-            debug_string(&mut self.out, value)
-        };
+            debug_string(self.line, value);
+        }
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         if self.name(field) {
-            self.result = write_u64(&mut self.out, value);
+            write_u64(self.line, value);
         }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         if self.name(field) {
             if value < 0 {
-                self.result = self.out.write_char('-');
+                self.line.push('-');
             }
-            self.result = self
-                .result
-                .and_then(|()| write_u64(&mut self.out, value.unsigned_abs()));
+            write_u64(self.line, value.unsigned_abs());
         }
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
         if self.name(field) {
-            self.result = self.out.write_str(if value { "true" } else { "false" });
+            self.line.push_str(if value { "true" } else { "false" });
         }
     }
 
@@ -172,62 +196,50 @@ impl Visit for Fields<'_> {
         if !self.name(field) {
             return;
         }
-        self.result = if self.json {
+        if self.json {
             // serde_json's own number form (and `null` where JSON has no number).
-            serde_json::to_writer(Adaptor(&mut self.out), &value).map_err(|_| fmt::Error)
+            let _ = serde_json::to_writer(Adaptor(self.line), &value);
         } else {
-            write!(self.out, "{value:?}")
-        };
+            let _ = write!(self.line, "{value:?}");
+        }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if !self.name(field) {
             return;
         }
-        self.result = if self.json {
-            serde_json::to_writer(Adaptor(&mut self.out), &format_args!("{value:?}"))
-                .map_err(|_| fmt::Error)
+        if self.json {
+            let _ = serde_json::to_writer(Adaptor(self.line), &format_args!("{value:?}"));
         } else if field.name() == "message" {
-            self.message(&format_args!("{value:?}"))
+            self.message(&format_args!("{value:?}"));
         } else {
-            write!(self.out, "{value:?}")
-        };
-    }
-}
-
-impl Fields<'_> {
-    /// The text form's message: bare, with terminal control characters escaped where the
-    /// writer sanitizes them (as the stock formatter does).
-    fn message(&mut self, value: &dyn fmt::Display) -> fmt::Result {
-        if self.out.sanitizes_ansi_escapes() {
-            write!(Sanitizing(&mut self.out), "{value}")
-        } else {
-            write!(self.out, "{value}")
+            let _ = write!(self.line, "{value:?}");
         }
     }
 }
 
 /// Writes control characters that terminals act on as escapes: `tracing-subscriber`'s rules
 /// for messages.
-struct Sanitizing<'a, 'w>(&'a mut Writer<'w>);
+struct Sanitizing<'a>(&'a mut String);
 
-impl fmt::Write for Sanitizing<'_, '_> {
+impl fmt::Write for Sanitizing<'_> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         if !text
             .bytes()
             .any(|b| matches!(b, 0x07 | 0x08 | 0x0c | 0x1b | 0x7f..))
         {
-            return self.0.write_str(text);
+            self.0.push_str(text);
+            return Ok(());
         }
         for ch in text.chars() {
             match ch {
-                '\x1b' => self.0.write_str("\\x1b")?,
-                '\x07' => self.0.write_str("\\x07")?,
-                '\x08' => self.0.write_str("\\x08")?,
-                '\x0c' => self.0.write_str("\\x0c")?,
-                '\x7f' => self.0.write_str("\\x7f")?,
+                '\x1b' => self.0.push_str("\\x1b"),
+                '\x07' => self.0.push_str("\\x07"),
+                '\x08' => self.0.push_str("\\x08"),
+                '\x0c' => self.0.push_str("\\x0c"),
+                '\x7f' => self.0.push_str("\\x7f"),
                 '\u{80}'..='\u{9f}' => write!(self.0, "\\u{{{:x}}}", ch as u32)?,
-                _ => self.0.write_char(ch)?,
+                _ => self.0.push(ch),
             }
         }
         Ok(())
@@ -241,57 +253,63 @@ fn plain(text: &str) -> bool {
 }
 
 /// `value` as `str`'s `Debug` writes it: quoted, escaped where needed.
-fn debug_string(out: &mut Writer<'_>, value: &str) -> fmt::Result {
-    if !plain(value) {
-        return write!(out, "{value:?}");
+fn debug_string(line: &mut String, value: &str) {
+    if plain(value) {
+        line.push('"');
+        line.push_str(value);
+        line.push('"');
+    } else {
+        let _ = write!(line, "{value:?}");
     }
-    out.write_char('"')?;
-    out.write_str(value)?;
-    out.write_char('"')
 }
 
 /// `value` as a JSON string, as serde_json escapes it.
-fn json_string(out: &mut Writer<'_>, value: &str) -> fmt::Result {
-    if !plain(value) {
-        return serde_json::to_writer(Adaptor(out), value).map_err(|_| fmt::Error);
+fn json_string(line: &mut String, value: &str) {
+    if plain(value) {
+        line.push('"');
+        line.push_str(value);
+        line.push('"');
+    } else {
+        let _ = serde_json::to_writer(Adaptor(line), value);
     }
-    out.write_char('"')?;
-    out.write_str(value)?;
-    out.write_char('"')
 }
 
 /// A field name inside a JSON key's quotes (tracing's names are identifiers; any other
 /// spelling is escaped).
-fn json_key(out: &mut Writer<'_>, name: &str) -> fmt::Result {
+fn json_key(line: &mut String, name: &str) {
     if plain(name) {
-        return out.write_str(name);
+        line.push_str(name);
+    } else {
+        let start = line.len();
+        json_string(line, name);
+        line.pop();
+        line.remove(start);
     }
-    let quoted = serde_json::to_string(name).map_err(|_| fmt::Error)?;
-    out.write_str(&quoted[1..quoted.len() - 1])
 }
 
-fn write_u64(out: &mut Writer<'_>, mut value: u64) -> fmt::Result {
+fn write_u64(line: &mut String, value: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
+    let mut rest = value;
     loop {
         at -= 1;
-        digits[at] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
             break;
         }
     }
-    out.write_str(std::str::from_utf8(&digits[at..]).map_err(|_| fmt::Error)?)
+    line.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
-/// serde_json writes to an `io::Write`; the formatter's writer is a `fmt::Write`. serde_json
-/// writes whole UTF-8 sequences (string pieces between escapes, and the escapes).
-struct Adaptor<'a, 'w>(&'a mut Writer<'w>);
+/// serde_json writes to an `io::Write`; the line is a `String`. serde_json writes whole UTF-8
+/// sequences (string pieces between escapes, and the escapes).
+struct Adaptor<'a>(&'a mut String);
 
-impl io::Write for Adaptor<'_, '_> {
+impl io::Write for Adaptor<'_> {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
         let text = std::str::from_utf8(bytes).map_err(io::Error::other)?;
-        self.0.write_str(text).map_err(io::Error::other)?;
+        self.0.push_str(text);
         Ok(bytes.len())
     }
 
