@@ -100,7 +100,7 @@ client_secret = "bench-secret"
         let proxy = server.local_addr().unwrap();
         tokio::spawn(server.run(std::future::pending()));
         let tls = forward::tls_config(&config.upstream, None).unwrap();
-        let upstream_client = Upstream::new(&config.upstream, tls, Default::default());
+        let upstream_client = Upstream::new(&config.upstream, tls, Default::default()).unwrap();
         let metrics = Arc::new(Metrics::new());
         let registry = Registry::new(&config, &upstream_client, &metrics, None, None).unwrap();
         (upstream, token, proxy, dir, registry)

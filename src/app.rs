@@ -203,7 +203,6 @@ impl App {
         let routes = self.proxy.routes();
         let checks = routes.registry.connectors().into_iter().map(|connector| {
             let connector = connector.clone();
-            let upstream = routes.upstream.clone();
             tokio::spawn(async move {
                 let result = match (
                     &connector.credentials,
@@ -214,7 +213,7 @@ impl App {
                         Err(e) => Err(e.to_string()),
                     },
                     (Credentials::Basic(_) | Credentials::ApiKey { .. }, Some(url)) => {
-                        match validate(&connector, &upstream, url).await {
+                        match validate(&connector, url).await {
                             Validation::Ok { .. } => Ok("validation URL answered 2xx".to_owned()),
                             Validation::Failed { error, .. } => Err(error),
                             Validation::None | Validation::Pending => Err("not checked".to_owned()),
@@ -250,10 +249,9 @@ impl App {
                 continue;
             };
             let connector = connector.clone();
-            let upstream = routes.upstream.clone();
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
-                let validation = validate(&connector, &upstream, url).await;
+                let validation = validate(&connector, url).await;
                 let ok = i64::from(matches!(validation, Validation::Ok { .. }));
                 metrics.validation_ok.with(&connector.labels, |g| g.set(ok));
                 if let Validation::Failed { error, .. } = &validation {
@@ -317,14 +315,16 @@ fn build_routes(
             &config.upstream,
             forward::tls_config(&config.upstream, None)?,
             metrics.handshakes(),
-        ),
+        )?,
     };
     let previous = previous.map(|r| &r.registry);
     let registry = Registry::new(config, &upstream, metrics, previous, cluster)?;
     Ok(Routes::new(registry, upstream, config))
 }
 
-async fn validate(connector: &Connector, upstream: &Upstream, url: http::Uri) -> Validation {
+/// Calls `url` with the connector's credentials, through the connector's client.
+async fn validate(connector: &Connector, url: http::Uri) -> Validation {
+    let upstream = &connector.upstream;
     let at = SystemTime::now();
     let value = match &connector.credentials {
         Credentials::Basic(value) | Credentials::ApiKey { value, .. } => value,

@@ -87,6 +87,71 @@ pub struct UpstreamSettings {
     pub allow_networks: Vec<IpNet>,
     /// `upstream.resolve`: (canonical host, port) -> address to connect to instead of DNS.
     pub resolve: HashMap<(String, u16), SocketAddr>,
+    /// `upstream.egress_proxy`, with `egress_proxy_auth`.
+    pub egress_proxy: Option<EgressProxy>,
+    /// `upstream.no_proxy`: targets reached directly although `egress_proxy` is set.
+    pub no_proxy: Vec<NoProxy>,
+}
+
+impl UpstreamSettings {
+    /// The settings a connector's connections are made with: its own egress proxy, or none,
+    /// where it chose one. A connector's own proxy takes all of its connections (`no_proxy`
+    /// belongs to `upstream.egress_proxy`).
+    pub fn for_connector(&self, egress: &EgressChoice) -> std::borrow::Cow<'_, Self> {
+        use std::borrow::Cow;
+        match egress {
+            EgressChoice::Inherit => Cow::Borrowed(self),
+            EgressChoice::Direct => Cow::Owned(Self {
+                egress_proxy: None,
+                no_proxy: Vec::new(),
+                ..self.clone()
+            }),
+            EgressChoice::Proxy(proxy) => Cow::Owned(Self {
+                egress_proxy: Some(proxy.clone()),
+                no_proxy: Vec::new(),
+                ..self.clone()
+            }),
+        }
+    }
+}
+
+/// An HTTP proxy that upstream connections go through, by CONNECT, with TLS to the target
+/// inside the tunnel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EgressProxy {
+    /// `http://host:port` or `https://host:port`, for messages (never carries credentials).
+    pub url: String,
+    /// Without brackets for an IPv6 address.
+    pub host: String,
+    pub port: u16,
+    /// `https://`: TLS to the egress proxy itself, verified like upstreams.
+    pub tls: bool,
+    /// `user:password`, sent as `Proxy-Authorization: Basic`.
+    pub auth: Option<Secret>,
+}
+
+/// One `upstream.no_proxy` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoProxy {
+    /// `"*"`: every target.
+    All,
+    /// A domain and every name below it (`example.com`, `.example.com` and `*.example.com`
+    /// all mean that), lowercase, without a trailing dot.
+    Domain(String),
+    /// An address or a network (`10.20.0.7`, `10.20.0.0/16`).
+    Net(IpNet),
+}
+
+/// A connector's `egress_proxy`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum EgressChoice {
+    /// Not set: `upstream.egress_proxy`, if any.
+    #[default]
+    Inherit,
+    /// `"none"`: connect directly.
+    Direct,
+    /// A URL of its own.
+    Proxy(EgressProxy),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -114,6 +179,7 @@ pub struct ConnectorConfig {
     /// the credentials anywhere a request could not.
     pub validation_url: Option<Uri>,
     pub auth: AuthConfig,
+    pub egress: EgressChoice,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -3,6 +3,7 @@
 //! offers it, HTTP/1.1 otherwise) and timeouts. Token requests use the same client.
 
 pub mod connect;
+pub mod egress;
 pub mod http1;
 pub mod http2;
 pub mod policy;
@@ -22,6 +23,7 @@ use crate::body::IdleTimeout;
 use crate::config::{ClientIdentity, UpstreamSettings};
 pub use crate::metrics::Handshakes;
 use connect::{ConnectError, ConnectSettings, UpstreamConnector};
+use egress::Egress;
 use http1::{Http1Body, Http1Pool, Sent};
 use http2::{Http2Body, Http2Pool, Route};
 use policy::AddressPolicy;
@@ -81,13 +83,36 @@ pub fn tls_config(
     Ok(Arc::new(config))
 }
 
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Upstream {
-    /// The client for `settings`; its TLS handshakes are counted in `handshakes`.
+    /// The client for `settings`; its TLS handshakes are counted in `handshakes`. Fails only
+    /// where rustls refuses the egress proxy's TLS configuration.
     pub fn new(
         settings: &UpstreamSettings,
         tls: Arc<rustls::ClientConfig>,
         handshakes: Handshakes,
-    ) -> Self {
+    ) -> Result<Self, rustls::Error> {
+        let egress = match &settings.egress_proxy {
+            Some(proxy) => {
+                // TLS to an https:// egress proxy: the upstreams' roots, no client
+                // certificate (that is for the token endpoint), HTTP/1.1 (CONNECT).
+                let mut proxy_tls = (*tls_config(settings, None)?).clone();
+                proxy_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Some(Egress::new(
+                    proxy.clone(),
+                    settings.no_proxy.clone(),
+                    Arc::new(proxy_tls),
+                ))
+            }
+            None => None,
+        };
         let connector = UpstreamConnector::new(
             tls,
             ConnectSettings {
@@ -96,13 +121,14 @@ impl Upstream {
                 timeout: settings.connect_timeout,
                 per_host: settings.max_connections_per_host,
                 handshakes,
+                egress,
             },
         );
-        Self {
+        Ok(Self {
             http2: Arc::new(Http2Pool::new(connector.clone(), IDLE_TIMEOUT)),
             http1: Arc::new(Http1Pool::new(connector, IDLE_TIMEOUT)),
             request_timeout: settings.request_timeout,
-        }
+        })
     }
 
     /// `upstream.request_timeout`: the longest wait for response headers, and for each piece
@@ -211,8 +237,10 @@ impl From<&ConnectError> for ForwardError {
     fn from(error: &ConnectError) -> Self {
         let message = error.to_string();
         match error {
-            ConnectError::AddressDenied { .. } => Self::AddressDenied(message),
-            ConnectError::Tls { .. } => Self::Tls(message),
+            ConnectError::AddressDenied { .. } | ConnectError::EgressDenied { .. } => {
+                Self::AddressDenied(message)
+            }
+            ConnectError::Tls { .. } | ConnectError::EgressTls { .. } => Self::Tls(message),
             _ => Self::Unreachable(message),
         }
     }

@@ -267,7 +267,8 @@ impl Routes {
         placement.apply(&mut parts.uri, &mut parts.headers, &authorization);
         // One deadline for the request, from here to the response head: reading a kept body,
         // every resend and the 401 replay all count against it.
-        let timeout = self.upstream.request_timeout();
+        let upstream = &connector.upstream;
+        let timeout = upstream.request_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
         // A body in hand can go more than once: after a 401, where a new token could help
         // (small bodies are kept for that), and when the upstream turned the request away
@@ -285,7 +286,7 @@ impl Routes {
                 // Sent once: the request's own parts go upstream, nothing is copied.
                 let body = Either::Left(IdleTimeout::new(body, timeout));
                 let request = Request::from_parts(parts, body);
-                let response = self.upstream.send(request, deadline).await?;
+                let response = upstream.send(request, deadline).await?;
                 if response.status() == StatusCode::UNAUTHORIZED {
                     // Not replayed (the body went): still renew the token for the next caller.
                     connector.credentials.reject(&authorization);
@@ -293,7 +294,7 @@ impl Routes {
                 response
             }
             Kept::Whole { body, _memory } => {
-                let first = self.send(&parts, body.clone(), deadline).await?;
+                let first = send(upstream, &parts, body.clone(), deadline).await?;
                 if first.status() == StatusCode::UNAUTHORIZED
                     && connector.credentials.reject(&authorization)
                 {
@@ -301,7 +302,7 @@ impl Routes {
                     let (renewed, _) = connector.credentials.authorization().await?;
                     trace.token = Some("replayed");
                     placement.apply(&mut parts.uri, &mut parts.headers, &renewed);
-                    self.send(&parts, body, deadline).await?
+                    send(upstream, &parts, body, deadline).await?
                 } else {
                     first
                 }
@@ -312,26 +313,26 @@ impl Routes {
         Ok(response)
     }
 
-    /// Sends a copy of `parts` (credentials included) with `body`, for a request that may go
-    /// more than once: again when the upstream turned it away unprocessed.
-    async fn send(
-        &self,
-        parts: &http::request::Parts,
-        body: Bytes,
-        deadline: tokio::time::Instant,
-    ) -> Result<Response<ReceivedBody>, ProxyError> {
-        let copy = || {
-            let mut request = Request::new(Either::Right(Full::new(body.clone())));
-            *request.method_mut() = parts.method.clone();
-            *request.uri_mut() = parts.uri.clone();
-            *request.headers_mut() = parts.headers.clone();
-            request
-        };
-        Ok(self
-            .upstream
-            .send_resending(copy(), deadline, || Some(copy()))
-            .await?)
-    }
+}
+
+/// Sends a copy of `parts` (credentials included) with `body`, for a request that may go more
+/// than once: again when the upstream turned it away unprocessed.
+async fn send(
+    upstream: &Upstream,
+    parts: &http::request::Parts,
+    body: Bytes,
+    deadline: tokio::time::Instant,
+) -> Result<Response<ReceivedBody>, ProxyError> {
+    let copy = || {
+        let mut request = Request::new(Either::Right(Full::new(body.clone())));
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = parts.uri.clone();
+        *request.headers_mut() = parts.headers.clone();
+        request
+    };
+    Ok(upstream
+        .send_resending(copy(), deadline, || Some(copy()))
+        .await?)
 }
 
 /// The request's target as the resource-domain rule reads it. An h2c request always carries a

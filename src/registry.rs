@@ -6,7 +6,8 @@ use std::time::SystemTime;
 
 use crate::cluster::Cluster;
 use crate::config::{
-    AuthConfig, ClientAuth, Config, ConnectorConfig, Grant, KeyPlacement, OAuthClient,
+    AuthConfig, ClientAuth, Config, ConnectorConfig, EgressChoice, Grant, KeyPlacement,
+    OAuthClient,
 };
 use crate::credentials::oauth::assertion::{AssertionError, AssertionSigner};
 use crate::credentials::oauth::token_client::TokenEndpoint;
@@ -25,6 +26,13 @@ pub enum RegistryError {
         "orgs.{org}.connectors.{connector:?}: the client certificate cannot be used for TLS: {source}"
     )]
     ClientTls {
+        org: String,
+        connector: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("orgs.{org}.connectors.{connector:?}: cannot build the TLS configuration for its egress_proxy: {source}")]
+    EgressTls {
         org: String,
         connector: String,
         #[source]
@@ -59,6 +67,9 @@ pub struct Connector {
     pub labels: ConnectorLabels,
     pub resource_domain: ResourceDomain,
     pub credentials: Credentials,
+    /// The client its requests, token requests and validation calls go through: the shared
+    /// one, or one of its own where it chose its own `egress_proxy` (or `"none"`).
+    pub upstream: Upstream,
     /// What it was built from: a reload keeps a connector (and its token) whose
     /// configuration is unchanged.
     pub config: ConnectorConfig,
@@ -106,6 +117,9 @@ impl Registry {
         cluster: Option<&Arc<Cluster>>,
     ) -> Result<Self, RegistryError> {
         let mut orgs = HashMap::new();
+        // One client per egress choice other than the shared one, for the connectors that
+        // made it.
+        let mut own: Vec<(&EgressChoice, Upstream)> = Vec::new();
         for org in config.orgs.values() {
             let mut connectors = HashMap::new();
             for c in org.connectors.values() {
@@ -117,12 +131,22 @@ impl Registry {
                     Some(old) => old.clone(),
                     None => {
                         let labels = connector_labels(&c.org, &c.name);
+                        let upstream = match (&c.egress, own.iter().find(|(e, _)| **e == c.egress)) {
+                            (EgressChoice::Inherit, _) => upstream.clone(),
+                            (_, Some((_, made))) => made.clone(),
+                            (choice, None) => {
+                                let made = own_upstream(c, config, metrics)?;
+                                own.push((choice, made.clone()));
+                                made
+                            }
+                        };
                         Arc::new(Connector {
                             org: c.org.clone(),
                             name: c.name.clone(),
                             credentials: credentials(
-                                c, &labels, config, upstream, metrics, cluster,
+                                c, &labels, config, &upstream, metrics, cluster,
                             )?,
+                            upstream,
                             labels,
                             resource_domain: c.resource_domain.clone(),
                             config: c.clone(),
@@ -188,6 +212,22 @@ impl Org {
     }
 }
 
+/// A client for a connector that chose its own `egress_proxy` (or none).
+fn own_upstream(
+    c: &ConnectorConfig,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Upstream, RegistryError> {
+    let settings = config.upstream.for_connector(&c.egress);
+    forward::tls_config(&settings, None)
+        .and_then(|tls| Upstream::new(&settings, tls, metrics.handshakes()))
+        .map_err(|source| RegistryError::EgressTls {
+            org: c.org.clone(),
+            connector: c.name.clone(),
+            source,
+        })
+}
+
 fn credentials(
     c: &ConnectorConfig,
     labels: &ConnectorLabels,
@@ -216,17 +256,15 @@ fn credentials(
     };
     let (token_upstream, signer) = match &client.client_auth {
         ClientAuth::TlsClientAuth(identity) => {
-            let tls = forward::tls_config(&config.upstream, Some(identity)).map_err(|source| {
-                RegistryError::ClientTls {
+            let settings = config.upstream.for_connector(&c.egress);
+            let client = forward::tls_config(&settings, Some(identity))
+                .and_then(|tls| Upstream::new(&settings, tls, metrics.handshakes()))
+                .map_err(|source| RegistryError::ClientTls {
                     org: c.org.clone(),
                     connector: c.name.clone(),
                     source,
-                }
-            })?;
-            (
-                Upstream::new(&config.upstream, tls, metrics.handshakes()),
-                None,
-            )
+                })?;
+            (client, None)
         }
         ClientAuth::PrivateKeyJwt { identity, alg } => {
             let signer = AssertionSigner::new(identity, *alg).map_err(|source| {

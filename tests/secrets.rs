@@ -111,7 +111,7 @@ password = "pw-5ecret-4"
     common::install_provider();
     let tls = connector_proxy::forward::tls_config(&config.upstream, None).unwrap();
     let upstream =
-        connector_proxy::forward::Upstream::new(&config.upstream, tls, Default::default());
+        connector_proxy::forward::Upstream::new(&config.upstream, tls, Default::default()).unwrap();
     let registry = connector_proxy::registry::Registry::new(
         &config,
         &upstream,

@@ -24,6 +24,8 @@ pub const CONNECTOR_KEYS: &[&str] = &[
     "query_param",
     "prefix",
     "value",
+    "egress_proxy",
+    "egress_proxy_auth",
 ];
 
 use std::collections::BTreeMap;
@@ -115,6 +117,12 @@ pub struct RawUpstream {
     pub extra_ca_file: Option<Spanned<String>>,
     pub allow_networks: Vec<Spanned<String>>,
     pub resolve: BTreeMap<String, Spanned<String>>,
+    /// `http://host:port` or `https://host:port`: upstream connections go through it.
+    pub egress_proxy: Option<Spanned<String>>,
+    /// `user:password` for the egress proxy: a secret.
+    pub egress_proxy_auth: Option<Spanned<SecretSource>>,
+    /// Hosts, domains and networks reached directly although `egress_proxy` is set.
+    pub no_proxy: Vec<Spanned<String>>,
 }
 
 impl Default for RawUpstream {
@@ -128,6 +136,9 @@ impl Default for RawUpstream {
             extra_ca_file: None,
             allow_networks: Vec::new(),
             resolve: BTreeMap::new(),
+            egress_proxy: None,
+            egress_proxy_auth: None,
+            no_proxy: Vec::new(),
         }
     }
 }
@@ -183,6 +194,9 @@ pub struct RawConnector {
     pub query_param: Option<Spanned<String>>,
     pub prefix: Option<Spanned<String>>,
     pub value: Option<Spanned<SecretSource>>,
+    /// `"none"`, or a URL of its own instead of `upstream.egress_proxy`.
+    pub egress_proxy: Option<Spanned<String>>,
+    pub egress_proxy_auth: Option<Spanned<SecretSource>>,
 }
 
 impl RawConnector {

@@ -239,6 +239,9 @@ impl Validator<'_> {
                 "extra_ca_file",
                 "allow_networks",
                 "resolve",
+                "egress_proxy",
+                "egress_proxy_auth",
+                "no_proxy",
             ],
             ["oauth"] => &[
                 "refresh_before_expiry",
@@ -455,6 +458,7 @@ impl Validator<'_> {
                 ("request_timeout", raw.request_timeout.0, "30s"),
             ],
         );
+        let (egress_proxy, no_proxy) = self.upstream_egress(raw);
         UpstreamSettings {
             connect_timeout: raw.connect_timeout.0,
             request_timeout: raw.request_timeout.0,
@@ -464,6 +468,8 @@ impl Validator<'_> {
             extra_roots,
             allow_networks,
             resolve,
+            egress_proxy,
+            no_proxy,
         }
     }
 
@@ -816,6 +822,7 @@ impl Validator<'_> {
             }
             _ => None,
         };
+        let egress = self.connector_egress(c, &place);
         if self.problems.len() > before {
             return None;
         }
@@ -825,6 +832,7 @@ impl Validator<'_> {
             resource_domain: resource_domain?,
             validation_url,
             auth: auth?,
+            egress,
         })
     }
 
@@ -1097,5 +1105,6 @@ impl Validator<'_> {
     }
 }
 
+mod egress;
 #[cfg(test)]
 mod tests;

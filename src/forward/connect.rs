@@ -20,6 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::egress::{Egress, Transport};
 use super::policy::AddressPolicy;
 use crate::metrics::Handshakes;
 
@@ -42,6 +43,20 @@ pub enum ConnectError {
     Handshake { host: String, source: h2::Error },
     #[error("only https targets are forwarded")]
     NotHttps,
+    #[error("cannot reach the egress proxy {proxy}: {source}")]
+    Egress { proxy: String, source: io::Error },
+    #[error("TLS handshake with the egress proxy {proxy} failed: {source}")]
+    EgressTls { proxy: String, source: io::Error },
+    #[error("the egress proxy {proxy} refused CONNECT {target}: {status} {reason}{hint}")]
+    EgressRefused {
+        proxy: String,
+        target: String,
+        status: u16,
+        reason: String,
+        hint: &'static str,
+    },
+    #[error("the egress proxy {proxy} resolves only to internal addresses, which are not in upstream.allow_networks; add its address there")]
+    EgressDenied { proxy: String },
 }
 
 #[derive(Clone)]
@@ -62,6 +77,7 @@ struct Inner {
     slots: Mutex<HashMap<Authority, Arc<Semaphore>>>,
     per_host: usize,
     handshakes: Handshakes,
+    egress: Option<Egress>,
 }
 
 /// How an [`UpstreamConnector`] connects.
@@ -71,6 +87,8 @@ pub struct ConnectSettings {
     pub timeout: Duration,
     pub per_host: usize,
     pub handshakes: Handshakes,
+    /// `upstream.egress_proxy`: connections go through it, but for `no_proxy`'s targets.
+    pub egress: Option<Egress>,
 }
 
 impl UpstreamConnector {
@@ -85,6 +103,7 @@ impl UpstreamConnector {
                 slots: Mutex::default(),
                 per_host: settings.per_host.max(1),
                 handshakes: settings.handshakes,
+                egress: settings.egress,
             }),
         }
     }
@@ -164,16 +183,78 @@ impl Inner {
             .clone()
     }
 
-    async fn connect(&self, uri: &Uri) -> Result<TlsStream<TcpStream>, ConnectError> {
+    async fn connect(&self, uri: &Uri) -> Result<TlsStream<Transport>, ConnectError> {
         if uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
             return Err(ConnectError::NotHttps);
         }
         let host = uri.host().unwrap_or_default();
         let port = uri.port_u16().unwrap_or(443);
         let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let addrs: Vec<SocketAddr> = if let Some(pin) = self.pins.get(&(host.to_owned(), port)) {
-            vec![*pin]
-        } else if let Ok(ip) = bare.parse::<IpAddr>() {
+        let pin = self.pins.get(&(host.to_owned(), port)).copied();
+        let ip = pin.map(|p| p.ip()).or_else(|| bare.parse::<IpAddr>().ok());
+        let transport = match &self.egress {
+            None => Transport::Tcp(self.dial(host, bare, port, pin, ip).await?),
+            Some(egress) => {
+                // Resolved here to be checked, where it can be; the egress proxy resolves it
+                // again (or alone, where only its DNS knows the name).
+                let resolved: Vec<IpAddr> = match ip {
+                    Some(ip) => vec![ip],
+                    None => tokio::net::lookup_host((bare, port))
+                        .await
+                        .map(|addrs| addrs.map(|a| a.ip()).collect())
+                        .unwrap_or_default(),
+                };
+                if egress.bypasses(bare, ip, &resolved) {
+                    Transport::Tcp(self.dial(host, bare, port, pin, ip).await?)
+                } else {
+                    // Any internal address refuses the target: which one the egress proxy
+                    // picks is not ours to choose.
+                    if let Some(addr) = resolved.iter().find(|a| !self.policy.allows(**a)) {
+                        tracing::warn!(%host, %addr, proxy = egress.url(), "not connecting: the address is internal and not in upstream.allow_networks");
+                        return Err(ConnectError::AddressDenied {
+                            host: host.to_owned(),
+                        });
+                    }
+                    let target = match pin {
+                        Some(pin) => pin.to_string(),
+                        None => format!("{host}:{port}"),
+                    };
+                    egress.tunnel(&target, &self.policy).await?
+                }
+            }
+        };
+        let name = ServerName::try_from(bare.to_owned()).map_err(|e| ConnectError::Tls {
+            host: host.to_owned(),
+            source: io::Error::other(e),
+        })?;
+        let tls = self
+            .tls
+            .connect(name, transport)
+            .await
+            .map_err(|source| ConnectError::Tls {
+                host: host.to_owned(),
+                source,
+            })?;
+        match tls.get_ref().1.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => self.handshakes.resumed.inc(),
+            _ => self.handshakes.full.inc(),
+        };
+        Ok(tls)
+    }
+
+    /// TCP straight to the target: its pin, its address, or what DNS gives, each address
+    /// checked by the policy.
+    async fn dial(
+        &self,
+        host: &str,
+        bare: &str,
+        port: u16,
+        pin: Option<SocketAddr>,
+        ip: Option<IpAddr>,
+    ) -> Result<TcpStream, ConnectError> {
+        let addrs: Vec<SocketAddr> = if let Some(pin) = pin {
+            vec![pin]
+        } else if let Some(ip) = ip {
             vec![SocketAddr::new(ip, port)]
         } else {
             tokio::net::lookup_host((bare, port))
@@ -186,7 +267,6 @@ impl Inner {
         };
         let mut last_error = None;
         let mut denied = false;
-        let mut tcp = None;
         for addr in addrs {
             if !self.policy.allows(addr.ip()) {
                 tracing::warn!(%host, addr = %addr.ip(), "not connecting: the address is internal and not in upstream.allow_networks");
@@ -194,52 +274,26 @@ impl Inner {
                 continue;
             }
             match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    tcp = Some(stream);
-                    break;
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Ok(tcp);
                 }
                 Err(e) => last_error = Some(e),
             }
         }
-        let tcp = match (tcp, last_error, denied) {
-            (Some(tcp), _, _) => tcp,
-            (None, Some(source), _) => {
-                return Err(ConnectError::Connect {
-                    host: host.to_owned(),
-                    source,
-                });
-            }
-            (None, None, true) => {
-                return Err(ConnectError::AddressDenied {
-                    host: host.to_owned(),
-                });
-            }
-            (None, None, false) => {
-                let source = io::Error::new(io::ErrorKind::NotFound, "no addresses");
-                return Err(ConnectError::Resolve {
-                    host: host.to_owned(),
-                    source,
-                });
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(bare.to_owned()).map_err(|e| ConnectError::Tls {
-            host: host.to_owned(),
-            source: io::Error::other(e),
-        })?;
-        let tls = self
-            .tls
-            .connect(name, tcp)
-            .await
-            .map_err(|source| ConnectError::Tls {
+        Err(match (last_error, denied) {
+            (Some(source), _) => ConnectError::Connect {
                 host: host.to_owned(),
                 source,
-            })?;
-        match tls.get_ref().1.handshake_kind() {
-            Some(rustls::HandshakeKind::Resumed) => self.handshakes.resumed.inc(),
-            _ => self.handshakes.full.inc(),
-        };
-        Ok(tls)
+            },
+            (None, true) => ConnectError::AddressDenied {
+                host: host.to_owned(),
+            },
+            (None, false) => ConnectError::Resolve {
+                host: host.to_owned(),
+                source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+            },
+        })
     }
 }
 
@@ -249,7 +303,7 @@ pub struct UpstreamStream {
     /// Boxed: a rustls connection is about a kilobyte, and every future that holds a stream
     /// for a moment (a connect, a hand-over between the pools) would otherwise carry room for
     /// it in each request's state (BENCHMARKS finding 26).
-    tls: Box<TlsStream<TcpStream>>,
+    tls: Box<TlsStream<Transport>>,
     _slot: OwnedSemaphorePermit,
 }
 

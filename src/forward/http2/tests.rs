@@ -85,6 +85,7 @@ async fn start(idle: Duration) -> (Http2Pool, Arc<AtomicUsize>, mpsc::Receiver<(
             timeout: Duration::from_secs(5),
             per_host: 256,
             handshakes: Default::default(),
+            egress: None,
         },
     );
     (Http2Pool::new(connector, idle), accepted, ends)
