@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use connector_proxy::app::App;
-use connector_proxy::config::{self, AuthConfig, Config, KeyPlacement};
+use connector_proxy::config::{self, AuthConfig, Config, EgressChoice, KeyPlacement};
 use connector_proxy::server::{self, Server};
 use connector_proxy::telemetry;
 
@@ -130,6 +130,18 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
         "listen {}, admin {} ({admin_token})",
         config.server.listen, config.server.admin_listen
     );
+    if let Some(proxy) = &config.upstream.egress_proxy {
+        let auth = if proxy.auth.is_some() {
+            "with credentials"
+        } else {
+            "without credentials"
+        };
+        println!(
+            "egress proxy {} ({auth}), {} no_proxy entries",
+            proxy.url,
+            config.upstream.no_proxy.len()
+        );
+    }
     for org in config.orgs.values() {
         let inbound = if org.inbound_token.is_some() {
             "inbound token set"
@@ -156,8 +168,13 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
                     KeyPlacement::Query { param } => format!("api_key, query_param {param}"),
                 },
             };
+            let egress = match &c.egress {
+                EgressChoice::Inherit => String::new(),
+                EgressChoice::Direct => ", egress_proxy none".to_owned(),
+                EgressChoice::Proxy(proxy) => format!(", egress_proxy {}", proxy.url),
+            };
             println!(
-                "  connector {:?}: {how}, resource_domain {}",
+                "  connector {:?}: {how}, resource_domain {}{egress}",
                 c.name, c.resource_domain
             );
         }

@@ -312,7 +312,6 @@ impl Routes {
         rewrite_response_headers(response.headers_mut());
         Ok(response)
     }
-
 }
 
 /// Sends a copy of `parts` (credentials included) with `body`, for a request that may go more

@@ -6,8 +6,7 @@ use std::time::SystemTime;
 
 use crate::cluster::Cluster;
 use crate::config::{
-    AuthConfig, ClientAuth, Config, ConnectorConfig, EgressChoice, Grant, KeyPlacement,
-    OAuthClient,
+    AuthConfig, ClientAuth, Config, ConnectorConfig, EgressChoice, Grant, KeyPlacement, OAuthClient,
 };
 use crate::credentials::oauth::assertion::{AssertionError, AssertionSigner};
 use crate::credentials::oauth::token_client::TokenEndpoint;
@@ -31,7 +30,9 @@ pub enum RegistryError {
         #[source]
         source: rustls::Error,
     },
-    #[error("orgs.{org}.connectors.{connector:?}: cannot build the TLS configuration for its egress_proxy: {source}")]
+    #[error(
+        "orgs.{org}.connectors.{connector:?}: cannot build the TLS configuration for its egress_proxy: {source}"
+    )]
     EgressTls {
         org: String,
         connector: String,
@@ -131,7 +132,8 @@ impl Registry {
                     Some(old) => old.clone(),
                     None => {
                         let labels = connector_labels(&c.org, &c.name);
-                        let upstream = match (&c.egress, own.iter().find(|(e, _)| **e == c.egress)) {
+                        let upstream = match (&c.egress, own.iter().find(|(e, _)| **e == c.egress))
+                        {
                             (EgressChoice::Inherit, _) => upstream.clone(),
                             (_, Some((_, made))) => made.clone(),
                             (choice, None) => {

@@ -93,6 +93,19 @@ fn problems_carry_line_and_column_where_the_parser_knows_them() {
 }
 
 #[test]
+fn a_password_in_an_egress_proxy_url_is_not_repeated() {
+    let file =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/config/invalid/egress_problems.toml");
+    let (ok, _, stderr) = check(&file);
+    assert!(!ok);
+    assert!(
+        stderr.contains("egress_proxy carries credentials in the URL"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
 fn valid_configs_pass_and_list_connectors_without_secrets() {
     let mut files = fixtures("valid");
     assert!(files.len() >= 2);
@@ -112,6 +125,7 @@ fn valid_configs_pass_and_list_connectors_without_secrets() {
             "container-admin",
             "weather-key",
             "maps-key",
+            "egress-secret",
         ] {
             assert!(
                 !stdout.contains(secret) && !stderr.contains(secret),
@@ -127,6 +141,8 @@ fn valid_configs_pass_and_list_connectors_without_secrets() {
         "\"legacy\": oauth2",
         "\"weather\": api_key",
         "\"maps\": api_key",
+        "egress proxy http://proxy.corp.example:3128 (with credentials), 2 no_proxy entries",
+        "resource_domain https://crm.example.com, egress_proxy none",
     ] {
         assert!(stdout.contains(line), "{line} not in\n{stdout}");
     }

@@ -55,7 +55,9 @@ pub enum ConnectError {
         reason: String,
         hint: &'static str,
     },
-    #[error("the egress proxy {proxy} resolves only to internal addresses, which are not in upstream.allow_networks; add its address there")]
+    #[error(
+        "the egress proxy {proxy} resolves only to internal addresses, which are not in upstream.allow_networks; add its address there"
+    )]
     EgressDenied { proxy: String },
 }
 

@@ -49,9 +49,10 @@ impl Egress {
         no_proxy: Vec<NoProxy>,
         proxy_tls: Arc<rustls::ClientConfig>,
     ) -> Self {
-        let authorization = proxy.auth.as_ref().map(|auth| {
-            Secret::new(format!("Basic {}", STANDARD.encode(auth.expose())))
-        });
+        let authorization = proxy
+            .auth
+            .as_ref()
+            .map(|auth| Secret::new(format!("Basic {}", STANDARD.encode(auth.expose()))));
         let tls = proxy.tls.then(|| TlsConnector::from(proxy_tls));
         Self {
             proxy,
@@ -66,15 +67,17 @@ impl Egress {
         &self.proxy.url
     }
 
-    /// Whether `host` (bare, without brackets) is reached directly: `no_proxy` names it, a
-    /// domain above it, or a network that holds its address (`ip`, where it is an address or
-    /// pinned to one) or every address it resolved to here (`resolved`).
+    /// Whether `host` (bare, without brackets) is reached directly: `no_proxy` names it (a
+    /// name, pinned or not), a domain above it, or a network that holds its address (`ip`,
+    /// where it is an address or pinned to one) or every address it resolved to here
+    /// (`resolved`).
     pub fn bypasses(&self, host: &str, ip: Option<IpAddr>, resolved: &[IpAddr]) -> bool {
         let host = host.strip_suffix('.').unwrap_or(host);
+        let named = host.parse::<IpAddr>().is_err();
         self.no_proxy.iter().any(|entry| match entry {
             NoProxy::All => true,
             NoProxy::Domain(domain) => {
-                ip.is_none()
+                named
                     && host.len() >= domain.len()
                     && host[host.len() - domain.len()..].eq_ignore_ascii_case(domain)
                     && (host.len() == domain.len()
@@ -105,12 +108,13 @@ impl Egress {
                         source: io::Error::other(e),
                     }
                 })?;
-                let stream = tls.connect(name, tcp).await.map_err(|source| {
-                    ConnectError::EgressTls {
-                        proxy: self.proxy.url.clone(),
-                        source,
-                    }
-                })?;
+                let stream =
+                    tls.connect(name, tcp)
+                        .await
+                        .map_err(|source| ConnectError::EgressTls {
+                            proxy: self.proxy.url.clone(),
+                            source,
+                        })?;
                 Transport::Tls(Box::new(stream))
             }
         };
@@ -195,12 +199,17 @@ impl Egress {
         let mut head = Vec::with_capacity(256);
         let mut chunk = [0u8; 1024];
         loop {
-            let n = transport.read(&mut chunk).await.map_err(|source| ConnectError::Egress {
-                proxy: self.proxy.url.clone(),
-                source,
-            })?;
+            let n = transport
+                .read(&mut chunk)
+                .await
+                .map_err(|source| ConnectError::Egress {
+                    proxy: self.proxy.url.clone(),
+                    source,
+                })?;
             if n == 0 {
-                return Err(protocol("it closed the connection before answering CONNECT".into()));
+                return Err(protocol(
+                    "it closed the connection before answering CONNECT".into(),
+                ));
             }
             head.extend_from_slice(&chunk[..n]);
             let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -314,16 +323,28 @@ mod tests {
     #[test]
     fn a_domain_matches_itself_and_names_below_it_only() {
         let e = egress(&[NoProxy::Domain("example.com".into())]);
-        for host in ["example.com", "a.example.com", "A.B.Example.COM", "example.com."] {
+        for host in [
+            "example.com",
+            "a.example.com",
+            "A.B.Example.COM",
+            "example.com.",
+        ] {
             assert!(e.bypasses(host, None, &[]), "{host}");
         }
-        for host in ["notexample.com", "example.com.evil.net", "example.co", "com", "xample.com"]
-        {
+        for host in [
+            "notexample.com",
+            "example.com.evil.net",
+            "example.co",
+            "com",
+            "xample.com",
+        ] {
             assert!(!e.bypasses(host, None, &[]), "{host}");
         }
         // A domain entry never matches an address, whatever it resolves back to.
         let ip = "93.184.215.14".parse().unwrap();
         assert!(!e.bypasses("93.184.215.14", Some(ip), &[]));
+        // A name pinned to an address (upstream.resolve) is still that name.
+        assert!(e.bypasses("api.example.com", Some(ip), &[ip]));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod metrics;
 pub mod oauth;
 pub mod redis;
+pub mod tinyproxy;
 pub mod token;
 
 use std::convert::Infallible;

@@ -8,7 +8,10 @@ const DIRECT: &str = "none";
 
 impl Validator<'_> {
     /// `upstream.egress_proxy` with its credentials, and `no_proxy`.
-    pub(super) fn upstream_egress(&mut self, raw: &RawUpstream) -> (Option<EgressProxy>, Vec<NoProxy>) {
+    pub(super) fn upstream_egress(
+        &mut self,
+        raw: &RawUpstream,
+    ) -> (Option<EgressProxy>, Vec<NoProxy>) {
         let proxy = match &raw.egress_proxy {
             Some(url) => self.egress_proxy(url, raw.egress_proxy_auth.as_ref(), "upstream"),
             None => {
@@ -65,13 +68,16 @@ impl Validator<'_> {
         place: &str,
     ) -> Option<EgressProxy> {
         let text = value.get_ref().trim();
-        let example = "write one such as \"http://proxy.corp.example:3128\" (https:// for TLS to the proxy)";
+        let example =
+            "write one such as \"http://proxy.corp.example:3128\" (https:// for TLS to the proxy)";
         let url = match url::Url::parse(text) {
             Ok(url) => url,
             Err(e) => {
-                self.problem(Some(value.span()), place, format!(
-                    "egress_proxy {text:?} is not a URL ({e}); {example}"
-                ));
+                self.problem(
+                    Some(value.span()),
+                    place,
+                    format!("egress_proxy {text:?} is not a URL ({e}); {example}"),
+                );
                 return None;
             }
         };
@@ -105,13 +111,17 @@ impl Validator<'_> {
             Some(url::Host::Ipv4(ip)) => (ip.to_string(), ip.to_string()),
             Some(url::Host::Ipv6(ip)) => (ip.to_string(), format!("[{ip}]")),
             None => {
-                self.problem(Some(value.span()), place, format!(
-                    "egress_proxy {text:?} names no host; {example}"
-                ));
+                self.problem(
+                    Some(value.span()),
+                    place,
+                    format!("egress_proxy {text:?} names no host; {example}"),
+                );
                 return None;
             }
         };
-        let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+        let port = url
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 });
         let auth = match auth {
             Some(source) => {
                 let secret = self.secret(source, place, "egress_proxy_auth")?;
@@ -164,7 +174,10 @@ impl Validator<'_> {
             return Some(NoProxy::Net(IpNet::from(ip)));
         }
         if text.contains(':') {
-            return refuse(self, "has a port or scheme; entries match hosts whatever the port");
+            return refuse(
+                self,
+                "has a port or scheme; entries match hosts whatever the port",
+            );
         }
         let domain = text
             .strip_prefix("*.")
@@ -172,7 +185,10 @@ impl Validator<'_> {
             .unwrap_or(text);
         let domain = domain.strip_suffix('.').unwrap_or(domain);
         if domain.contains('*') {
-            return refuse(self, "has a wildcard inside; only a leading \"*.\" or \".\" is understood");
+            return refuse(
+                self,
+                "has a wildcard inside; only a leading \"*.\" or \".\" is understood",
+            );
         }
         match url::Host::parse(domain) {
             Ok(url::Host::Domain(d)) => Some(NoProxy::Domain(d.to_ascii_lowercase())),

@@ -72,3 +72,80 @@ fn a_valid_basic_connector_loads_with_defaults() {
     assert_eq!(config.server.max_concurrent_requests, 10_000);
     assert!(!format!("{config:?}").contains("\"pw\""));
 }
+
+#[test]
+fn no_proxy_spellings_are_normalised_and_egress_proxies_parsed() {
+    let text = "[upstream]\negress_proxy = \"http://Proxy.Corp.Example:3128\"\n\
+                egress_proxy_auth = \"relay:pw\"\n\
+                no_proxy = [\".Billing.Example.COM\", \"*.corp.example\", \"crm.example.com.\", \
+                \"bücher.example\", \"10.20.0.7\", \"[::1]\", \"10.20.0.0/16\", \"*\"]\n\
+                [orgs.acme.connectors.crm]\nauth = \"basic\"\nresource_domain = \"https://crm.example.com\"\n\
+                username = \"u\"\npassword = \"p\"\negress_proxy = \"https://[fd00::7]\"\n\
+                [orgs.acme.connectors.direct]\nauth = \"basic\"\nresource_domain = \"https://d.example.com\"\n\
+                username = \"u\"\npassword = \"p\"\negress_proxy = \"None\"\n";
+    let config = Config::parse(text, Path::new("proxy.toml")).unwrap();
+    let proxy = config.upstream.egress_proxy.as_ref().unwrap();
+    assert_eq!(
+        (
+            proxy.url.as_str(),
+            proxy.host.as_str(),
+            proxy.port,
+            proxy.tls
+        ),
+        (
+            "http://proxy.corp.example:3128",
+            "proxy.corp.example",
+            3128,
+            false
+        )
+    );
+    assert_eq!(proxy.auth.as_ref().unwrap().expose(), "relay:pw");
+    let net = |s: &str| NoProxy::Net(s.parse().unwrap());
+    assert_eq!(
+        config.upstream.no_proxy,
+        vec![
+            NoProxy::Domain("billing.example.com".into()),
+            NoProxy::Domain("corp.example".into()),
+            NoProxy::Domain("crm.example.com".into()),
+            NoProxy::Domain("xn--bcher-kva.example".into()),
+            net("10.20.0.7/32"),
+            net("::1/128"),
+            net("10.20.0.0/16"),
+            NoProxy::All,
+        ]
+    );
+    let connectors = &config.orgs["acme"].connectors;
+    let EgressChoice::Proxy(own) = &connectors["crm"].egress else {
+        panic!("{:?}", connectors["crm"].egress);
+    };
+    assert_eq!(
+        (
+            own.url.as_str(),
+            own.host.as_str(),
+            own.port,
+            own.tls,
+            own.auth.is_none()
+        ),
+        ("https://[fd00::7]:443", "fd00::7", 443, true, true)
+    );
+    assert_eq!(connectors["direct"].egress, EgressChoice::Direct);
+    assert!(!format!("{config:?}").contains("relay:pw"));
+}
+
+#[test]
+fn no_proxy_and_egress_proxy_auth_without_an_egress_proxy_are_refused() {
+    let found = problems("[upstream]\nno_proxy = [\"a.example\"]\negress_proxy_auth = \"u:p\"\n");
+    assert_eq!(found.len(), 2, "{found:#?}");
+    // In the order they are written.
+    assert!(
+        found[0].contains(":2:1: upstream.no_proxy: no_proxy lists what bypasses"),
+        "{}",
+        found[0]
+    );
+    assert!(
+        found[1].contains(":3:21: upstream: egress_proxy_auth is set without egress_proxy"),
+        "{}",
+        found[1]
+    );
+    assert!(found.iter().all(|f| !f.contains("u:p")));
+}
