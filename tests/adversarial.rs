@@ -935,3 +935,92 @@ fn judge(expect: &Expect, answer: &RawAnswer, crm: &[String], ip: &[String]) -> 
     }
     Ok(())
 }
+
+/// `upstream.no_proxy` is decided on the canonical target host, never on the caller's
+/// spelling of it: near misses in the list (a label suffix, a shorter or a longer name) do not
+/// let a connector's traffic skip the egress proxy, and every spelling of a listed host goes
+/// direct. A caller's own copies of an API-key connector's header are dropped in every case
+/// spelling (a Basic connector passes such a header on: it is only a header there).
+#[tokio::test]
+async fn no_proxy_follows_the_canonical_host_whatever_the_callers_spelling() {
+    let pki = Pki::new();
+    let crm = Upstream::start(&pki.leaf(&["crm.example.com"]), &[b"h2"]).await;
+    let billing = Upstream::start(&pki.leaf(&["billing.corp.example"]), &[b"h2"]).await;
+    let egress = common::tinyproxy::Tinyproxy::start("127.0.0.1", "");
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[upstream]
+extra_ca_file = "ca.pem"
+allow_networks = ["127.0.0.0/8"]
+request_timeout = "5s"
+egress_proxy = "http://{egress}"
+no_proxy = ["m.example.com", "example.co", "crm.example.com.evil", "rm.example.com", ".Corp.Example."]
+
+[upstream.resolve]
+"crm.example.com:443" = "{crm}"
+"billing.corp.example:443" = "{billing}"
+
+[orgs.acme]
+inbound_token = "{INBOUND}"
+
+[orgs.acme.connectors.crm]
+auth = "api_key"
+resource_domain = "https://crm.example.com"
+header = "X-Api-Key"
+value = "{CRM_PASSWORD}"
+
+[orgs.acme.connectors.billing]
+auth = "basic"
+resource_domain = "https://billing.corp.example"
+username = "svc"
+password = "{IP_PASSWORD}"
+"#,
+        egress = egress.addr,
+        crm = crm.addr,
+        billing = billing.addr,
+    );
+    let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
+    let spellings = |host: &str| {
+        let upper = host.to_ascii_uppercase();
+        vec![
+            "/origin-form".to_owned(),
+            format!("https://{upper}/upper"),
+            format!("https://{host}./trailing-dot"),
+            format!("https://{host}:443/port"),
+            format!("https://{upper}.:443/all"),
+        ]
+    };
+    for (connector, host) in [
+        ("crm", "crm.example.com"),
+        ("billing", "billing.corp.example"),
+    ] {
+        for target in spellings(host) {
+            let request = request(
+                "GET",
+                &target,
+                &[
+                    ("X-Org-Id", "acme"),
+                    ("Proxy-Authorization", &bearer()),
+                    ("X-Connector-Name", connector),
+                    ("x-api-key", "callers-own"),
+                    ("X-API-KEY", "callers-second"),
+                ],
+            );
+            let answer = raw(proxy.addr, &request, Duration::from_secs(10)).await;
+            assert_eq!(answer.status, 200, "{connector} {target}: {answer:?}");
+        }
+    }
+    assert_eq!(crm.seen().len(), 5);
+    assert_eq!(billing.seen().len(), 5);
+    for seen in crm.seen() {
+        let keys: Vec<_> = seen.headers.get_all("x-api-key").iter().collect();
+        assert_eq!(keys, [CRM_PASSWORD], "{seen:?}");
+    }
+    // crm's near misses in no_proxy did not make it go direct; billing's spellings all did.
+    let tunnels: std::collections::BTreeSet<String> = egress.connects().into_iter().collect();
+    assert_eq!(tunnels, [crm.addr.to_string()].into_iter().collect());
+}
