@@ -12,7 +12,7 @@
 pub mod seal;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -41,6 +41,8 @@ pub struct Cluster {
     timeout: Duration,
     /// This process, as entries name who fetched them.
     replica: String,
+    /// Replicas present at Redis's last count.
+    replicas: AtomicUsize,
     health: Mutex<Health>,
     metrics: Arc<Metrics>,
 }
@@ -79,6 +81,35 @@ const RELEASE: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return red
 const RENEW: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
 /// Deletes an entry only while it still holds the given sealed value.
 const DELETE_IF: &str = RELEASE;
+/// One step of a rate limit shared by the replicas: a GCRA on Redis's clock, its theoretical
+/// arrival time (microseconds) at `KEYS[1]`. ARGV: the interval a request takes (µs) and the
+/// burst. Answers the microseconds to wait, 0 when the request is admitted (and counted).
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local after = tat + interval
+local allowed_at = after - burst * interval
+if now < allowed_at then return allowed_at - now end
+redis.call('SET', KEYS[1], string.format('%d', after), 'PX', math.ceil((after - now) / 1000) + 1)
+return 0
+";
+/// A replica's presence: recorded in the sorted set `KEYS[1]` by when it lapses (Redis's clock,
+/// ms), the lapsed ones dropped; answers how many are present. ARGV: the replica, the presence
+/// in ms.
+const PRESENT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('ZCARD', KEYS[1])
+";
+/// How often a replica records its presence; it lapses after three missed beats.
+const HEARTBEAT: Duration = Duration::from_secs(2);
 
 impl Cluster {
     /// Starts connecting in the background: until Redis answers, the replica serves alone.
@@ -111,6 +142,7 @@ impl Cluster {
             lock_ttl: settings.lock_ttl,
             timeout: settings.redis_timeout,
             replica: random_hex(8),
+            replicas: AtomicUsize::new(1),
             health: Mutex::new(Health {
                 up: false,
                 last_error: Some("not connected yet".into()),
@@ -119,7 +151,19 @@ impl Cluster {
             metrics,
         });
         cluster.metrics.set_cluster_up(false);
+        cluster.metrics.set_cluster_replicas(1);
         cluster.reconnect();
+        let beating = Arc::downgrade(&cluster);
+        tokio::spawn(async move {
+            loop {
+                let Some(cluster) = beating.upgrade() else {
+                    return;
+                };
+                cluster.beat().await;
+                drop(cluster);
+                tokio::time::sleep(HEARTBEAT).await;
+            }
+        });
         Ok(cluster)
     }
 
@@ -168,6 +212,15 @@ impl Cluster {
 
     /// The entry name for a connector's token: `prefix:token:<digest of what decides it>`.
     pub fn entry_name(&self, identity: &[String]) -> String {
+        self.name("token", identity)
+    }
+
+    /// The key of a connector's shared rate limit: `prefix:rate:<digest of what decides it>`.
+    pub fn rate_name(&self, identity: &[String]) -> String {
+        self.name("rate", identity)
+    }
+
+    fn name(&self, kind: &str, identity: &[String]) -> String {
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
         for part in identity {
             context.update(&(part.len() as u64).to_be_bytes());
@@ -178,7 +231,7 @@ impl Cluster {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        format!("{}:token:{hex}", self.prefix)
+        format!("{}:{kind}:{hex}", self.prefix)
     }
 
     pub fn replica(&self) -> &str {
@@ -249,6 +302,57 @@ impl Cluster {
                     .await
             })
             .await;
+    }
+
+    /// One request against the shared rate limit `name`: how long to wait before one would
+    /// be admitted (zero: admitted now, and counted). `None` when Redis is down.
+    pub async fn spend(&self, name: &str, interval: Duration, burst: u32) -> Option<Duration> {
+        let redis = self.connection()?;
+        let interval = u64::try_from(interval.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let wait: u64 = self
+            .call("rate", async move {
+                let mut redis = redis;
+                redis::Script::new(GCRA)
+                    .key(name)
+                    .arg(interval)
+                    .arg(burst)
+                    .invoke_async(&mut redis)
+                    .await
+            })
+            .await?;
+        Some(Duration::from_micros(wait))
+    }
+
+    /// Replicas present at Redis's last count (1 before the first): a shared rate limit's
+    /// share while Redis is down.
+    pub fn replicas(&self) -> usize {
+        self.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Records this replica's presence and counts the others', every [`HEARTBEAT`].
+    async fn beat(&self) {
+        let Some(redis) = self.connection() else {
+            return;
+        };
+        let key = format!("{}:replicas", self.prefix);
+        let presence = u64::try_from((HEARTBEAT * 3).as_millis()).unwrap_or(u64::MAX);
+        let present: Option<usize> = self
+            .call("heartbeat", async move {
+                let mut redis = redis;
+                redis::Script::new(PRESENT)
+                    .key(key)
+                    .arg(&self.replica)
+                    .arg(presence)
+                    .invoke_async(&mut redis)
+                    .await
+            })
+            .await;
+        if let Some(present) = present {
+            self.replicas.store(present, Ordering::Relaxed);
+            self.metrics.set_cluster_replicas(present);
+        }
     }
 
     /// Takes the lock of entry `name`.

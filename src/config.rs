@@ -180,6 +180,42 @@ pub struct ConnectorConfig {
     pub validation_url: Option<Uri>,
     pub auth: AuthConfig,
     pub egress: EgressChoice,
+    pub limits: LimitSettings,
+}
+
+/// A connector's `max_concurrent`, `rate_limit` and `burst`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LimitSettings {
+    pub max_concurrent: Option<usize>,
+    pub rate: Option<Rate>,
+}
+
+/// `count` requests per `per`, with up to `burst` at once after a quiet spell (a GCRA: one
+/// request every `per / count`, `burst` of them ahead of time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+    pub burst: u32,
+}
+
+impl Rate {
+    /// The time one request takes of the budget.
+    pub fn interval(&self) -> Duration {
+        self.per / self.count
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.per.as_secs() {
+            1 if self.per.subsec_nanos() == 0 => write!(f, "{}/s", self.count)?,
+            60 if self.per.subsec_nanos() == 0 => write!(f, "{}/min", self.count)?,
+            3600 if self.per.subsec_nanos() == 0 => write!(f, "{}/h", self.count)?,
+            _ => write!(f, "{}/{}", self.count, humantime::format_duration(self.per))?,
+        }
+        write!(f, ", burst {}", self.burst)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

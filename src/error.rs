@@ -3,13 +3,14 @@
 //! answers from the upstream's.
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue, PROXY_AUTHENTICATE};
+use http::header::{CONTENT_TYPE, HeaderValue, PROXY_AUTHENTICATE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
 use crate::credentials::CredentialError;
 use crate::forward::ForwardError;
+use crate::limits::Limited;
 use crate::target::TargetError;
 
 pub const X_PROXY_ERROR: &str = "x-proxy-error";
@@ -56,6 +57,14 @@ pub enum ProxyError {
         "the proxy is at its limit of concurrent requests (server.max_concurrent_requests); retry shortly"
     )]
     Overloaded,
+    #[error(
+        "this connector already has its max_concurrent = {0} requests in flight; retry when one has finished"
+    )]
+    ConnectorBusy(usize),
+    #[error(
+        "this connector's rate_limit ({rate}) is spent; retry after {retry_after} s (Retry-After)"
+    )]
+    ConnectorRateLimited { retry_after: u64, rate: String },
     #[error("{0}")]
     UpstreamTimeout(String),
     #[error("{0}")]
@@ -79,7 +88,8 @@ impl ProxyError {
             TokenUnavailable(..) | UpstreamUnreachable(_) | UpstreamTls(_) => {
                 StatusCode::BAD_GATEWAY
             }
-            Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded | ConnectorBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ConnectorRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             UpstreamTimeout(_) | TokenTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -102,8 +112,19 @@ impl ProxyError {
             UpstreamUnreachable(_) => "upstream_unreachable",
             UpstreamTls(_) => "upstream_tls_error",
             Overloaded => "overloaded",
+            ConnectorBusy(_) => "connector_busy",
+            ConnectorRateLimited { .. } => "connector_rate_limited",
             UpstreamTimeout(_) => "upstream_timeout",
             TokenTimeout(_) => "token_timeout",
+        }
+    }
+
+    /// `busy` or `rate` for a request a connector's limit turned away.
+    pub fn limited(&self) -> Option<&'static str> {
+        match self {
+            Self::ConnectorBusy(_) => Some("busy"),
+            Self::ConnectorRateLimited { .. } => Some("rate"),
+            _ => None,
         }
     }
 
@@ -127,6 +148,19 @@ impl From<ForwardError> for ProxyError {
             ForwardError::Timeout(_) => {
                 Self::UpstreamTimeout(format!("{message} (upstream.request_timeout)"))
             }
+        }
+    }
+}
+
+impl From<Limited> for ProxyError {
+    fn from(limited: Limited) -> Self {
+        match limited {
+            Limited::Busy(n) => Self::ConnectorBusy(n),
+            // Whole seconds, rounded up: a caller that waits that long is admitted.
+            Limited::Rate { retry_after, rate } => Self::ConnectorRateLimited {
+                retry_after: retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0),
+                rate,
+            },
         }
     }
 }
@@ -180,8 +214,14 @@ pub fn response(
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(X_PROXY_ERROR, HeaderValue::from_static(error.code()));
-    if matches!(error, ProxyError::ProxyAuthRequired) {
-        headers.insert(PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    match error {
+        ProxyError::ProxyAuthRequired => {
+            headers.insert(PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        ProxyError::ConnectorRateLimited { retry_after, .. } => {
+            headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
+        _ => {}
     }
     response
 }

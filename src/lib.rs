@@ -1,8 +1,8 @@
 //! connector-proxy: an authenticating HTTP egress proxy.
 //!
 //! Imports run one way: `server` -> `app`, `admin`; `app` -> `proxy`, `registry`; `proxy` ->
-//! `registry`, `target`, `credentials`, `forward`; `registry` -> `config`, `credentials`;
-//! `target` is pure.
+//! `registry`, `target`, `credentials`, `forward`, `limits`; `registry` -> `config`,
+//! `credentials`, `limits`; `limits` -> `cluster`; `target` is pure.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -13,6 +13,7 @@ pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod forward;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;

@@ -173,8 +173,15 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
                 EgressChoice::Direct => ", egress_proxy none".to_owned(),
                 EgressChoice::Proxy(proxy) => format!(", egress_proxy {}", proxy.url),
             };
+            let mut limits = String::new();
+            if let Some(n) = c.limits.max_concurrent {
+                limits.push_str(&format!(", max_concurrent {n}"));
+            }
+            if let Some(rate) = &c.limits.rate {
+                limits.push_str(&format!(", rate_limit {rate}"));
+            }
             println!(
-                "  connector {:?}: {how}, resource_domain {}{egress}",
+                "  connector {:?}: {how}, resource_domain {}{egress}{limits}",
                 c.name, c.resource_domain
             );
         }

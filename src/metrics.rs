@@ -71,6 +71,24 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitedLabels {
+    pub org: Arc<str>,
+    pub connector: Arc<str>,
+    /// `busy` (`max_concurrent`) or `rate` (`rate_limit`).
+    pub reason: &'static str,
+}
+
+impl LimitedLabels {
+    pub fn new(labels: ConnectorLabels, reason: &'static str) -> Self {
+        Self {
+            org: labels.org,
+            connector: labels.connector,
+            reason,
+        }
+    }
+}
+
 /// Label sets that belong to one connector, so that a reload can drop a removed connector's
 /// series.
 pub trait OfConnector {
@@ -90,7 +108,13 @@ macro_rules! of_connector {
         }
     )*};
 }
-of_connector!(RequestLabels, ConnectorLabels, OutcomeLabels, CacheLabels);
+of_connector!(
+    RequestLabels,
+    ConnectorLabels,
+    OutcomeLabels,
+    CacheLabels,
+    LimitedLabels
+);
 
 /// A [`Family`] whose label sets are also kept in a set, so that the series of a connector a
 /// reload removed can be found and dropped (a `Family` cannot list its series). The set is
@@ -153,7 +177,7 @@ where
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterOpLabels {
-    /// `get`, `set`, `lock`, `renew`, `unlock`, `delete`.
+    /// `get`, `set`, `lock`, `renew`, `unlock`, `delete`, `rate`, `heartbeat`.
     pub op: &'static str,
     /// `success` or `error` (a timeout included).
     pub outcome: &'static str,
@@ -202,10 +226,12 @@ pub struct Metrics {
     pub token_rejections: ConnectorFamily<OutcomeLabels, Counter>,
     pub token_expiry: ConnectorFamily<ConnectorLabels, Gauge<f64, AtomicU64>>,
     pub validation_ok: ConnectorFamily<ConnectorLabels, Gauge>,
+    pub limited: ConnectorFamily<LimitedLabels, Counter>,
     pub config_reloads: Family<ReloadLabels, Counter>,
     /// Registered with `[cluster]` only: 0 would read as "down" for a replica that shares
     /// nothing by design.
     cluster_up: Gauge,
+    cluster_replicas: Gauge,
     pub cluster_operations: Family<ClusterOpLabels, Counter>,
     upstream_tls_handshakes: Family<HandshakeLabels, Counter>,
     /// Read from the log writer at scrape time ([`Metrics::count_dropped_log_lines`]).
@@ -283,6 +309,12 @@ impl Metrics {
             "1 when the validation URL last answered 2xx, else 0",
             validation_ok.clone(),
         );
+        let limited = Family::<LimitedLabels, Counter>::default();
+        registry.register(
+            "limited",
+            "Requests a connector's limit turned away: busy (max_concurrent) or rate (rate_limit)",
+            limited.clone(),
+        );
         let config_reloads = Family::<ReloadLabels, Counter>::default();
         // Both outcomes from the start, at zero: a first failure is then an increase that
         // `increase()` and the reload alert can see.
@@ -295,11 +327,17 @@ impl Metrics {
             config_reloads.clone(),
         );
         let cluster_up = Gauge::default();
+        let cluster_replicas = Gauge::default();
         if cluster {
             registry.register(
                 "cluster_up",
                 "1 while Redis answers ([cluster]), else 0: the replica serves alone",
                 cluster_up.clone(),
+            );
+            registry.register(
+                "cluster_replicas",
+                "Replicas present in Redis at its last count; without Redis, each limits a shared rate_limit at its share of this many",
+                cluster_replicas.clone(),
             );
         }
         let cluster_operations = Family::<ClusterOpLabels, Counter>::default();
@@ -338,8 +376,10 @@ impl Metrics {
             token_rejections: ConnectorFamily::new(token_rejections),
             token_expiry: ConnectorFamily::new(token_expiry),
             validation_ok: ConnectorFamily::new(validation_ok),
+            limited: ConnectorFamily::new(limited),
             config_reloads,
             cluster_up,
+            cluster_replicas,
             cluster_operations,
             upstream_tls_handshakes,
             log_lines_dropped,
@@ -426,6 +466,12 @@ impl Metrics {
         self.cluster_up.set(i64::from(up));
     }
 
+    /// `connector_proxy_cluster_replicas`.
+    pub fn set_cluster_replicas(&self, replicas: usize) {
+        self.cluster_replicas
+            .set(i64::try_from(replicas).unwrap_or(i64::MAX));
+    }
+
     /// The whole registry in `format`.
     pub fn encode(&self, format: Format) -> String {
         let mut out = String::new();
@@ -450,6 +496,7 @@ impl Metrics {
         self.token_rejections.retain(&keep);
         self.token_expiry.retain(&keep);
         self.validation_ok.retain(&keep);
+        self.limited.retain(&keep);
     }
 }
 

@@ -18,14 +18,14 @@ use http::uri::Scheme;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::{Body as _, Incoming};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::IdleTimeout;
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::error::{self, ProxyError};
 use crate::forward::{ReceivedBody, Upstream};
-use crate::metrics::{Code, ConnectorLabels, Metrics, RequestLabels};
+use crate::metrics::{Code, ConnectorLabels, LimitedLabels, Metrics, RequestLabels};
 use crate::registry::{Connector, Org, Registry};
 use crate::secret;
 use body::{InflightGuard, ResponseBody};
@@ -63,6 +63,8 @@ struct Trace {
     found: Option<Arc<Connector>>,
     token: Option<&'static str>,
     upstream_ms: Option<f64>,
+    /// One of the connector's `max_concurrent` slots, held until the response body ends.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 /// An org as named by the request, or the only one, used when the request names none.
@@ -147,9 +149,10 @@ impl Proxy {
         let (mut response, code) = match result {
             Ok(response) => {
                 let limit = routes.upstream.request_timeout();
+                let permits = [permit, trace.slot.take()];
                 (
                     response
-                        .map(|b| ResponseBody::upstream(b, limit, &request_id, permit, inflight)),
+                        .map(|b| ResponseBody::upstream(b, limit, &request_id, permits, inflight)),
                     None,
                 )
             }
@@ -158,6 +161,15 @@ impl Proxy {
                     error::response(&e, trace.org().as_deref(), trace.connector().as_deref(), id);
                 // The same words the caller got, never a secret; for the operator's log line.
                 detail = Some(e.to_string());
+                if let Some(reason) = e.limited() {
+                    let labels = trace
+                        .found
+                        .as_ref()
+                        .map_or_else(ConnectorLabels::unknown, |c| c.labels.clone());
+                    self.metrics
+                        .limited
+                        .with(&LimitedLabels::new(labels, reason), Counter::inc);
+                }
                 (
                     response.map(|b| ResponseBody::own(b, inflight)),
                     Some(e.code()),
@@ -255,6 +267,10 @@ impl Routes {
             .resource_domain
             .resolve(&request_target(&request))
             .map_err(|e| ProxyError::target(e, &connector.resource_domain))?;
+        // Limits after the rule (a refused target spends nothing), before the credentials (a
+        // limited request fetches no token).
+        trace.slot = connector.limits.enter()?;
+        connector.limits.spend().await?;
         let (authorization, lookup) = connector.credentials.authorization().await?;
         trace.token = lookup.map(|l| l.as_str());
 

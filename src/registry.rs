@@ -13,6 +13,7 @@ use crate::credentials::oauth::token_client::TokenEndpoint;
 use crate::credentials::oauth::{Shared, TokenSource};
 use crate::credentials::{Credentials, Placement, api_key, basic_header};
 use crate::forward::{self, Upstream};
+use crate::limits::Limits;
 use crate::metrics::{ConnectorLabels, Metrics, connector_labels};
 use crate::secret::Secret;
 use crate::target::ResourceDomain;
@@ -71,6 +72,8 @@ pub struct Connector {
     /// The client its requests, token requests and validation calls go through: the shared
     /// one, or one of its own where it chose its own `egress_proxy` (or `"none"`).
     pub upstream: Upstream,
+    /// `max_concurrent` and `rate_limit`.
+    pub limits: Limits,
     /// What it was built from: a reload keeps a connector (and its token) whose
     /// configuration is unchanged.
     pub config: ConnectorConfig,
@@ -149,6 +152,12 @@ impl Registry {
                                 c, &labels, config, &upstream, metrics, cluster,
                             )?,
                             upstream,
+                            limits: Limits::new(
+                                &c.limits,
+                                cluster.map(|cluster| {
+                                    (cluster.clone(), cluster.rate_name(&rate_identity(c)))
+                                }),
+                            ),
                             labels,
                             resource_domain: c.resource_domain.clone(),
                             config: c.clone(),
@@ -297,6 +306,12 @@ fn credentials(
         metrics.clone(),
         shared,
     )))
+}
+
+/// Everything that decides a connector's shared rate limit: a change starts a fresh budget.
+fn rate_identity(c: &ConnectorConfig) -> Vec<String> {
+    let rate = c.limits.rate.as_ref().map(ToString::to_string);
+    vec![c.org.clone(), c.name.clone(), rate.unwrap_or_default()]
 }
 
 /// Everything that decides a connector's token: a change to any of it starts a new shared entry.

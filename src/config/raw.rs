@@ -26,6 +26,9 @@ pub const CONNECTOR_KEYS: &[&str] = &[
     "value",
     "egress_proxy",
     "egress_proxy_auth",
+    "max_concurrent",
+    "rate_limit",
+    "burst",
 ];
 
 use std::collections::BTreeMap;
@@ -197,6 +200,11 @@ pub struct RawConnector {
     /// `"none"`, or a URL of its own instead of `upstream.egress_proxy`.
     pub egress_proxy: Option<Spanned<String>>,
     pub egress_proxy_auth: Option<Spanned<SecretSource>>,
+    /// Requests in flight at most; beyond, 503 `connector_busy`.
+    pub max_concurrent: Option<Spanned<i64>>,
+    /// `"50/s"`, `"600/min"`, `"1000/h"`, `"10/15s"`; beyond, 429 `connector_rate_limited`.
+    pub rate_limit: Option<Spanned<String>>,
+    pub burst: Option<Spanned<i64>>,
 }
 
 impl RawConnector {

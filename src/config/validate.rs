@@ -823,6 +823,7 @@ impl Validator<'_> {
             _ => None,
         };
         let egress = self.connector_egress(c, &place);
+        let limits = self.limits(c, &place);
         if self.problems.len() > before {
             return None;
         }
@@ -833,6 +834,7 @@ impl Validator<'_> {
             validation_url,
             auth: auth?,
             egress,
+            limits,
         })
     }
 
@@ -1106,5 +1108,6 @@ impl Validator<'_> {
 }
 
 mod egress;
+mod limits;
 #[cfg(test)]
 mod tests;

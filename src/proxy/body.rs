@@ -1,5 +1,5 @@
 //! The response body the caller reads: the upstream's, streamed, or the proxy's own error. It
-//! holds the concurrency permit and the in-flight count until it is done or dropped.
+//! holds the concurrency permits and the in-flight count until it is done or dropped.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -34,7 +34,8 @@ impl Drop for InflightGuard {
 pub struct ResponseBody {
     inner: Either<ReceivedBody, Full<Bytes>>,
     stall: Option<Stall>,
-    _permit: Option<OwnedSemaphorePermit>,
+    /// `server.max_concurrent_requests`' and the connector's `max_concurrent`.
+    _permits: [Option<OwnedSemaphorePermit>; 2],
     _inflight: InflightGuard,
 }
 
@@ -56,7 +57,7 @@ impl ResponseBody {
         body: ReceivedBody,
         limit: Duration,
         request_id: &HeaderValue,
-        permit: Option<OwnedSemaphorePermit>,
+        permits: [Option<OwnedSemaphorePermit>; 2],
         inflight: InflightGuard,
     ) -> Self {
         Self {
@@ -65,7 +66,7 @@ impl ResponseBody {
                 idle: IdleTimer::new(limit),
                 request_id: request_id.clone(),
             }),
-            _permit: permit,
+            _permits: permits,
             _inflight: inflight,
         }
     }
@@ -75,7 +76,7 @@ impl ResponseBody {
         Self {
             inner: Either::Right(body),
             stall: None,
-            _permit: None,
+            _permits: [None, None],
             _inflight: inflight,
         }
     }

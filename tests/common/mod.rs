@@ -100,7 +100,8 @@ pub struct Seen {
 }
 
 /// A TLS upstream on 127.0.0.1. Paths (optionally under `/api`): `/slow/<ms>` (answers after
-/// that wait), `/redirect`, `/download/<bytes>`, `/status/<code>`, `/x-proxy-error` (a 200
+/// that wait), `/redirect`, `/download/<bytes>`, `/status/<code>` (a 429 or 503 with
+/// `Retry-After: 7`), `/x-proxy-error` (a 200
 /// carrying an `X-Proxy-Error` of its own); anything else answers 200 "ok". Request bodies are
 /// counted, not kept.
 pub struct Upstream {
@@ -301,7 +302,11 @@ async fn answer(
         download.open = Some(open_downloads);
         Response::new(download.boxed())
     } else if let Some(code) = path.strip_prefix("/status/") {
-        full(code.parse().unwrap(), format!("status {code}"))
+        let mut r = full(code.parse().unwrap(), format!("status {code}"));
+        if code == "429" || code == "503" {
+            r.headers_mut().insert("retry-after", "7".parse().unwrap());
+        }
+        r
     } else {
         let mut r = full(200, format!("ok {body_len}"));
         r.headers_mut()

@@ -149,3 +149,69 @@ fn no_proxy_and_egress_proxy_auth_without_an_egress_proxy_are_refused() {
     );
     assert!(found.iter().all(|f| !f.contains("u:p")));
 }
+
+#[test]
+fn rate_limits_are_read_in_every_spelling() {
+    let connector = |name: &str, limits: &str| {
+        format!(
+            "[orgs.acme.connectors.{name}]\nauth = \"basic\"\nresource_domain = \"https://{name}.example\"\n\
+             username = \"u\"\npassword = \"p\"\n{limits}\n"
+        )
+    };
+    let text = [
+        connector(
+            "a",
+            "rate_limit = \"50/s\"\nburst = 100\nmax_concurrent = 8",
+        ),
+        connector("b", "rate_limit = \"600/min\""),
+        connector("c", "rate_limit = \" 1000 / h \""),
+        connector("d", "rate_limit = \"10/15s\"\nburst = 1"),
+        connector("e", ""),
+    ]
+    .concat();
+    let config = Config::parse(&text, Path::new("proxy.toml")).unwrap();
+    let limits = |name: &str| config.orgs["acme"].connectors[name].limits.clone();
+    let rate = |name: &str| limits(name).rate.unwrap();
+    assert_eq!(limits("a").max_concurrent, Some(8));
+    assert_eq!(
+        rate("a"),
+        Rate {
+            count: 50,
+            per: Duration::from_secs(1),
+            burst: 100
+        }
+    );
+    assert_eq!(rate("a").interval(), Duration::from_millis(20));
+    assert_eq!(
+        rate("b"),
+        Rate {
+            count: 600,
+            per: Duration::from_secs(60),
+            burst: 600
+        }
+    );
+    assert_eq!(rate("b").interval(), Duration::from_millis(100));
+    assert_eq!(rate("c").per, Duration::from_secs(3600));
+    assert_eq!(
+        rate("d"),
+        Rate {
+            count: 10,
+            per: Duration::from_secs(15),
+            burst: 1
+        }
+    );
+    assert_eq!(limits("e"), LimitSettings::default());
+    let shown: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| rate(n).to_string())
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            "50/s, burst 100",
+            "600/min, burst 600",
+            "1000/h, burst 1000",
+            "10/15s, burst 1"
+        ]
+    );
+}
