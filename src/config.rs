@@ -276,6 +276,12 @@ pub enum ClientAuth {
         alg: AssertionAlg,
     },
     TlsClientAuth(ClientIdentity),
+    /// RFC 7523 client authentication with an HMAC of the client secret (`alg` is HS256,
+    /// HS384 or HS512).
+    SecretJwt {
+        secret: Secret,
+        alg: AssertionAlg,
+    },
 }
 
 impl ClientAuth {
@@ -285,6 +291,7 @@ impl ClientAuth {
             Self::SecretPost(_) => ClientAuthKind::ClientSecretPost,
             Self::PrivateKeyJwt { .. } => ClientAuthKind::PrivateKeyJwt,
             Self::TlsClientAuth(_) => ClientAuthKind::TlsClientAuth,
+            Self::SecretJwt { .. } => ClientAuthKind::ClientSecretJwt,
         }
     }
 }
@@ -314,11 +321,13 @@ impl fmt::Debug for ClientIdentity {
 }
 
 impl AssertionAlg {
-    pub fn scheme(self) -> rustls::SignatureScheme {
+    /// The rustls signature scheme of a signing algorithm; `None` for the HMACs.
+    pub fn scheme(self) -> Option<rustls::SignatureScheme> {
         match self {
-            Self::RS256 => rustls::SignatureScheme::RSA_PKCS1_SHA256,
-            Self::PS256 => rustls::SignatureScheme::RSA_PSS_SHA256,
-            Self::ES256 => rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+            Self::RS256 => Some(rustls::SignatureScheme::RSA_PKCS1_SHA256),
+            Self::PS256 => Some(rustls::SignatureScheme::RSA_PSS_SHA256),
+            Self::ES256 => Some(rustls::SignatureScheme::ECDSA_NISTP256_SHA256),
+            Self::HS256 | Self::HS384 | Self::HS512 => None,
         }
     }
 
@@ -327,6 +336,20 @@ impl AssertionAlg {
             Self::RS256 => "RS256",
             Self::PS256 => "PS256",
             Self::ES256 => "ES256",
+            Self::HS256 => "HS256",
+            Self::HS384 => "HS384",
+            Self::HS512 => "HS512",
+        }
+    }
+
+    /// An HMAC's key size at least (RFC 7518 3.2: the hash's output), in bytes; `None` for the
+    /// signatures.
+    pub fn hmac_key_bytes(self) -> Option<usize> {
+        match self {
+            Self::HS256 => Some(32),
+            Self::HS384 => Some(48),
+            Self::HS512 => Some(64),
+            Self::RS256 | Self::PS256 | Self::ES256 => None,
         }
     }
 }

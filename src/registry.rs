@@ -287,6 +287,15 @@ fn credentials(
             })?;
             (upstream.clone(), Some(signer))
         }
+        ClientAuth::SecretJwt { secret, alg } => {
+            let signer =
+                AssertionSigner::hmac(secret, *alg).map_err(|source| RegistryError::Assertion {
+                    org: c.org.clone(),
+                    connector: c.name.clone(),
+                    source,
+                })?;
+            (upstream.clone(), Some(signer))
+        }
         ClientAuth::SecretBasic(_) | ClientAuth::SecretPost(_) => (upstream.clone(), None),
     };
     let endpoint = TokenEndpoint::new(

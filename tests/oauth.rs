@@ -32,6 +32,8 @@ async fn every_grant_and_client_auth_method_obtains_a_bearer_token() {
     t.register("es256-client", Method::Jwt(ec.cert_der.clone()));
     t.register("tls-client", Method::Tls(tls.cert_der.clone()));
     t.register("pw-client", Method::SecretBasic("pw-secret".into()));
+    t.register("hs256-client", Method::SecretJwt(HS256_SECRET.into()));
+    t.register("hs512-client", Method::SecretJwt(HS512_SECRET.into()));
     t.state
         .lock()
         .unwrap()
@@ -57,6 +59,8 @@ async fn every_grant_and_client_auth_method_obtains_a_bearer_token() {
         connector("mtls", "tls-client", &format!("client_auth = \"tls_client_auth\"\n{}", pem("tls"))),
         connector("password", "pw-client", "client_secret = \"pw-secret\"\nusername = \"svc-account\"\npassword = \"user-pa55\"")
             .replace("grant = \"client_credentials\"", "grant = \"password\""),
+        connector("hs256", "hs256-client", &format!("client_auth = \"client_secret_jwt\"\nclient_secret = {HS256_SECRET:?}")),
+        connector("hs512", "hs512-client", &format!("client_auth = \"client_secret_jwt\"\nclient_assertion_alg = \"HS512\"\nclient_secret = {HS512_SECRET:?}")),
         // Registered for client_secret_basic: any other method must be refused.
         connector("wrong-method", "basic-client", &format!("client_auth = \"client_secret_post\"\nclient_secret = {BASIC_SECRET:?}")),
     ]
@@ -79,6 +83,8 @@ async fn every_grant_and_client_auth_method_obtains_a_bearer_token() {
         ("es256", "es256-client"),
         ("mtls", "tls-client"),
         ("password", "pw-client"),
+        ("hs256", "hs256-client"),
+        ("hs512", "hs512-client"),
     ] {
         let answer = get(proxy.addr, "/x", &[("x-connector-name", name)]).await;
         assert_eq!(
@@ -114,11 +120,23 @@ async fn every_grant_and_client_auth_method_obtains_a_bearer_token() {
     assert_eq!(refused.json()["oauth_error"], "invalid_client");
     assert_eq!(
         world.crm.seen().len(),
-        7,
+        9,
         "a refused token request sends nothing upstream"
     );
+    // client_secret_jwt sends the assertion, never the secret itself.
+    for client in ["hs256-client", "hs512-client"] {
+        let logged = log.iter().find(|l| l.client_id == client).unwrap();
+        assert!(logged.form.contains_key("client_assertion"), "{client}");
+        assert!(!logged.form.contains_key("client_secret"), "{client}");
+    }
     assert_no_token_in_logs(&proxy);
+    let logs = proxy.log_text();
+    assert!(!logs.contains(HS256_SECRET) && !logs.contains(HS512_SECRET));
 }
+
+/// At least as long as the hash of their algorithm (RFC 7518 3.2).
+const HS256_SECRET: &str = "hs256-5ecret-of-forty-bytes-0123456789ab";
+const HS512_SECRET: &str = "hs512-5ecret-of-seventy-bytes-0123456789abcdef0123456789abcdef0123456";
 
 #[tokio::test]
 async fn a_thousand_simultaneous_first_requests_make_one_token_request() {

@@ -257,6 +257,7 @@ pub enum ClientAuthKind {
     ClientSecretPost,
     PrivateKeyJwt,
     TlsClientAuth,
+    ClientSecretJwt,
 }
 
 impl GrantKind {
@@ -277,16 +278,21 @@ impl ClientAuthKind {
             Self::ClientSecretPost => "client_secret_post",
             Self::PrivateKeyJwt => "private_key_jwt",
             Self::TlsClientAuth => "tls_client_auth",
+            Self::ClientSecretJwt => "client_secret_jwt",
         }
     }
 }
 
-/// JWS algorithms for `private_key_jwt` client assertions.
+/// JWS algorithms for client assertions: signatures for `private_key_jwt`, HMACs with the
+/// client secret for `client_secret_jwt`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum AssertionAlg {
     RS256,
     PS256,
     ES256,
+    HS256,
+    HS384,
+    HS512,
 }
 
 /// A humantime duration ("5s", "2m", "1h 30m").

@@ -693,14 +693,17 @@ impl Validator<'_> {
             _ => AssertionAlg::ES256,
         };
         let alg = wanted.unwrap_or(natural);
-        if key.choose_scheme(&[alg.scheme()]).is_none() {
+        if alg
+            .scheme()
+            .is_none_or(|scheme| key.choose_scheme(&[scheme]).is_none())
+        {
             let span = self.connector_key(if wanted.is_some() {
                 "client_assertion_alg"
             } else {
                 "private_key"
             });
             self.problem(span, place, format!(
-                "client_assertion_alg {} does not fit private_key; RS256 and PS256 need an RSA key, ES256 a P-256 key",
+                "client_assertion_alg {} does not fit private_key; RS256 and PS256 need an RSA key, ES256 a P-256 key (HS256, HS384 and HS512 are for client_auth = \"client_secret_jwt\")",
                 alg.name()
             ));
             return None;
@@ -1059,6 +1062,7 @@ impl Validator<'_> {
                 let alg = self.assertion_alg(&identity, wanted, place)?;
                 Some(ClientAuth::PrivateKeyJwt { identity, alg })
             }
+            ClientAuthKind::ClientSecretJwt => self.secret_jwt(c, place),
             ClientAuthKind::TlsClientAuth => {
                 self.unused(
                     place,
@@ -1109,5 +1113,6 @@ impl Validator<'_> {
 
 mod egress;
 mod limits;
+mod secret_jwt;
 #[cfg(test)]
 mod tests;

@@ -31,6 +31,8 @@ pub enum Method {
     /// The client certificate whose key signs the assertions.
     Jwt(CertificateDer<'static>),
     Tls(CertificateDer<'static>),
+    /// `client_secret_jwt`: an HS256, HS384 or HS512 assertion keyed by this secret.
+    SecretJwt(String),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -314,6 +316,18 @@ fn decide(
         Method::Tls(cert) => {
             basic.is_none() && !form.contains_key("client_secret") && peer == Some(cert)
         }
+        Method::SecretJwt(secret) => {
+            basic.is_none()
+                && !form.contains_key("client_secret")
+                && form.get("client_assertion_type").map(String::as_str)
+                    == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+                && form.get("client_assertion").is_some_and(|jwt| {
+                    match verify_hmac_assertion(jwt, secret, &client_id, audience) {
+                        Ok(jti) => s.seen_jti.insert(jti),
+                        Err(_) => false,
+                    }
+                })
+        }
     };
     if !authenticated {
         logged.refused = Some("invalid_client".into());
@@ -365,6 +379,59 @@ fn decide(
     json(200, body)
 }
 
+/// Checks an RFC 7523 assertion whose MAC is keyed by `secret` (`client_secret_jwt`); returns
+/// its `jti`.
+fn verify_hmac_assertion(
+    jwt: &str,
+    secret: &str,
+    client_id: &str,
+    audience: &str,
+) -> Result<String, String> {
+    let mut parts = jwt.split('.');
+    let (Some(h), Some(c), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("not three parts".into());
+    };
+    let decode = |p: &str| B64URL.decode(p).map_err(|e| e.to_string());
+    let header: serde_json::Value =
+        serde_json::from_slice(&decode(h)?).map_err(|e| e.to_string())?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&decode(c)?).map_err(|e| e.to_string())?;
+    let algorithm = match header["alg"].as_str() {
+        Some("HS256") => ring::hmac::HMAC_SHA256,
+        Some("HS384") => ring::hmac::HMAC_SHA384,
+        Some("HS512") => ring::hmac::HMAC_SHA512,
+        other => return Err(format!("alg {other:?}")),
+    };
+    let key = ring::hmac::Key::new(algorithm, secret.as_bytes());
+    ring::hmac::verify(&key, format!("{h}.{c}").as_bytes(), &decode(sig)?)
+        .map_err(|_| "bad MAC".to_owned())?;
+    check_claims(&claims, client_id, audience)
+}
+
+/// `iss` = `sub` = the client, `aud` the token endpoint, a short `exp`; returns the `jti`.
+fn check_claims(
+    claims: &serde_json::Value,
+    client_id: &str,
+    audience: &str,
+) -> Result<String, String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let exp = claims["exp"].as_u64().ok_or("no exp")?;
+    if claims["iss"] != client_id
+        || claims["sub"] != client_id
+        || claims["aud"] != audience
+        || exp < now
+        || exp > now + 300
+    {
+        return Err(format!("bad claims {claims}"));
+    }
+    Ok(claims["jti"].as_str().ok_or("no jti")?.to_owned())
+}
+
 /// Checks an RFC 7523 assertion; returns its `jti`.
 fn verify_assertion(
     jwt: &str,
@@ -395,20 +462,7 @@ fn verify_assertion(
     if header["x5t"] != sha1.as_str() {
         return Err("wrong x5t".into());
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let exp = claims["exp"].as_u64().ok_or("no exp")?;
-    if claims["iss"] != client_id
-        || claims["sub"] != client_id
-        || claims["aud"] != audience
-        || exp < now
-        || exp > now + 300
-    {
-        return Err(format!("bad claims {claims}"));
-    }
-    let jti = claims["jti"].as_str().ok_or("no jti")?.to_owned();
+    let jti = check_claims(&claims, client_id, audience)?;
     let end_entity = webpki::EndEntityCert::try_from(cert).map_err(|e| e.to_string())?;
     let input = format!("{h}.{c}");
     let verified = match header["alg"].as_str() {

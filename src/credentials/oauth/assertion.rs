@@ -1,8 +1,10 @@
-//! RFC 7523 client assertions for `private_key_jwt`: a JWT signed with the connector's key,
-//! carrying the certificate's thumbprints so that the authorization server can find the key.
+//! RFC 7523 client assertions: for `private_key_jwt` a JWT signed with the connector's key,
+//! carrying the certificate's thumbprints so that the authorization server can find the key;
+//! for `client_secret_jwt` a JWT with an HMAC keyed by the client secret.
 //!
-//! Signing goes through the rustls crypto provider already compiled in (ring), so no JWT crate
-//! is needed; ES256 wants the raw `r || s` form, not the DER that the provider returns.
+//! Signing goes through the rustls crypto provider already compiled in (ring), and the HMACs
+//! through ring itself, so no JWT crate is needed; ES256 wants the raw `r || s` form, not the
+//! DER that the provider returns.
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rustls::sign::SigningKey;
 
 use crate::config::{AssertionAlg, ClientIdentity};
+use crate::secret::Secret;
 
 /// How long an assertion is valid: short, as RFC 7523 3 advises; long enough for clock skew.
 const LIFETIME_SECS: u64 = 60;
@@ -27,7 +30,7 @@ pub enum AssertionError {
 }
 
 pub struct AssertionSigner {
-    key: Arc<dyn SigningKey>,
+    key: Key,
     alg: AssertionAlg,
     /// The JOSE header, base64url-encoded once.
     header: String,
@@ -42,11 +45,43 @@ impl fmt::Debug for AssertionSigner {
     }
 }
 
+enum Key {
+    Private(Arc<dyn SigningKey>),
+    /// Keyed by the client secret; ring's key never prints it.
+    Hmac(ring::hmac::Key),
+}
+
 impl AssertionSigner {
+    /// For `client_secret_jwt`: `alg` is HS256, HS384 or HS512.
+    pub fn hmac(secret: &Secret, alg: AssertionAlg) -> Result<Self, AssertionError> {
+        let algorithm = match alg {
+            AssertionAlg::HS256 => ring::hmac::HMAC_SHA256,
+            AssertionAlg::HS384 => ring::hmac::HMAC_SHA384,
+            AssertionAlg::HS512 => ring::hmac::HMAC_SHA512,
+            other => {
+                return Err(AssertionError::Key(format!(
+                    "{} is not an HMAC",
+                    other.name()
+                )));
+            }
+        };
+        let header = serde_json::json!({ "alg": alg.name(), "typ": "JWT" });
+        Ok(Self {
+            key: Key::Hmac(ring::hmac::Key::new(algorithm, secret.expose().as_bytes())),
+            alg,
+            header: B64URL.encode(header.to_string()),
+            random: SystemRandom::new(),
+        })
+    }
+
+    /// For `private_key_jwt`.
     pub fn new(identity: &ClientIdentity, alg: AssertionAlg) -> Result<Self, AssertionError> {
         let key = rustls::crypto::ring::sign::any_supported_type(&identity.key)
             .map_err(|e| AssertionError::Key(e.to_string()))?;
-        if key.choose_scheme(&[alg.scheme()]).is_none() {
+        if alg
+            .scheme()
+            .is_none_or(|scheme| key.choose_scheme(&[scheme]).is_none())
+        {
             return Err(AssertionError::Key(format!(
                 "{} does not fit this key",
                 alg.name()
@@ -67,7 +102,7 @@ impl AssertionSigner {
             "x5t": B64URL.encode(sha1.as_ref()),
         });
         Ok(Self {
-            key,
+            key: Key::Private(key),
             alg,
             header: B64URL.encode(header.to_string()),
             random: SystemRandom::new(),
@@ -93,17 +128,25 @@ impl AssertionSigner {
             "exp": now + LIFETIME_SECS,
         });
         let signing_input = format!("{}.{}", self.header, B64URL.encode(claims.to_string()));
-        let signer = self
-            .key
-            .choose_scheme(&[self.alg.scheme()])
-            .ok_or_else(|| AssertionError::Sign("scheme unavailable".into()))?;
-        let signature = signer
-            .sign(signing_input.as_bytes())
-            .map_err(|e| AssertionError::Sign(e.to_string()))?;
-        let signature = match self.alg {
-            AssertionAlg::ES256 => der_to_fixed(&signature, 32)
-                .ok_or_else(|| AssertionError::Sign("bad ECDSA signature".into()))?,
-            AssertionAlg::RS256 | AssertionAlg::PS256 => signature,
+        let signature = match &self.key {
+            Key::Hmac(key) => ring::hmac::sign(key, signing_input.as_bytes())
+                .as_ref()
+                .to_vec(),
+            Key::Private(key) => {
+                let signer = self
+                    .alg
+                    .scheme()
+                    .and_then(|scheme| key.choose_scheme(&[scheme]))
+                    .ok_or_else(|| AssertionError::Sign("scheme unavailable".into()))?;
+                let signature = signer
+                    .sign(signing_input.as_bytes())
+                    .map_err(|e| AssertionError::Sign(e.to_string()))?;
+                match self.alg {
+                    AssertionAlg::ES256 => der_to_fixed(&signature, 32)
+                        .ok_or_else(|| AssertionError::Sign("bad ECDSA signature".into()))?,
+                    _ => signature,
+                }
+            }
         };
         Ok(format!("{signing_input}.{}", B64URL.encode(signature)))
     }
@@ -151,6 +194,41 @@ fn der_item(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_hmac_assertion_verifies_with_the_secret_and_carries_the_claims() {
+        let secret = Secret::new("0123456789abcdef0123456789abcdef-and-some-more");
+        for (alg, verify) in [
+            (AssertionAlg::HS256, ring::hmac::HMAC_SHA256),
+            (AssertionAlg::HS384, ring::hmac::HMAC_SHA384),
+            (AssertionAlg::HS512, ring::hmac::HMAC_SHA512),
+        ] {
+            let signer = AssertionSigner::hmac(&secret, alg).unwrap();
+            let jwt = signer
+                .sign("flow-engine", "https://login.example.com/token")
+                .unwrap();
+            let parts: Vec<&str> = jwt.split('.').collect();
+            assert_eq!(parts.len(), 3);
+            let header: serde_json::Value =
+                serde_json::from_slice(&B64URL.decode(parts[0]).unwrap()).unwrap();
+            assert_eq!(
+                header,
+                serde_json::json!({ "alg": alg.name(), "typ": "JWT" })
+            );
+            let claims: serde_json::Value =
+                serde_json::from_slice(&B64URL.decode(parts[1]).unwrap()).unwrap();
+            assert_eq!(claims["iss"], "flow-engine");
+            assert_eq!(claims["sub"], "flow-engine");
+            assert_eq!(claims["aud"], "https://login.example.com/token");
+            let key = ring::hmac::Key::new(verify, secret.expose().as_bytes());
+            let signed = format!("{}.{}", parts[0], parts[1]);
+            let tag = B64URL.decode(parts[2]).unwrap();
+            ring::hmac::verify(&key, signed.as_bytes(), &tag).expect("the HMAC verifies");
+            let wrong = ring::hmac::Key::new(verify, b"another secret of a sufficient length!!");
+            assert!(ring::hmac::verify(&wrong, signed.as_bytes(), &tag).is_err());
+            assert!(!format!("{signer:?}").contains("0123456789"));
+        }
+    }
 
     #[test]
     fn der_signature_becomes_fixed_width_r_and_s() {

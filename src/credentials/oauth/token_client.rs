@@ -175,11 +175,10 @@ impl TokenEndpoint {
                 form.append_pair("client_id", &c.client_id);
                 form.append_pair("client_secret", secret.expose());
             }
-            ClientAuth::PrivateKeyJwt { .. } => {
-                let signer = self
-                    .signer
-                    .as_ref()
-                    .expect("private_key_jwt endpoints are built with a signer");
+            ClientAuth::PrivateKeyJwt { .. } | ClientAuth::SecretJwt { .. } => {
+                let signer = self.signer.as_ref().expect(
+                    "private_key_jwt and client_secret_jwt endpoints are built with a signer",
+                );
                 let assertion = signer
                     .sign(&c.client_id, &c.token_url.to_string())
                     .map_err(|e| TokenError::Unreachable(e.to_string()))?;

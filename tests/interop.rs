@@ -1,0 +1,261 @@
+//! `client_auth = "client_secret_jwt"` against authorization servers written by others, started
+//! on loopback: Authlib (PyPI, on Flask) and oidc-provider (npm, on node). Each issues a token
+//! to the proxy's assertion, which then reaches the upstream; each refuses an assertion keyed
+//! by the wrong secret, so the servers really check the HMAC.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Pki, Proxy, Upstream, get};
+
+const HS256_SECRET: &str = "interop-hs256-5ecret-0123456789abcdef0123";
+const HS512_SECRET: &str = "interop-hs512-5ecret-0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// An authorization server process, with what it printed.
+struct Server {
+    child: Child,
+    port: u16,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(mut command: Command, what: &str) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what} ({e}); ./scripts/test installs it"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let port = lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|l| l.strip_prefix("listening ")?.trim().parse::<u16>().ok());
+            if let Some(port) = port {
+                return Self { child, port, lines };
+            }
+            if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                panic!(
+                    "{what} did not start:\n{}",
+                    lines.lock().unwrap().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn printed(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+fn tool(relative: &str, hint: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+    assert!(
+        path.exists(),
+        "{} is missing: the interop tests need {hint}; run ./scripts/test, which installs it",
+        path.display()
+    );
+    path
+}
+
+struct World {
+    pki: Pki,
+    crm: Upstream,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn new() -> Self {
+        let pki = Pki::new();
+        let crm = Upstream::start(&pki.leaf(&["crm.example.com"]), &[b"h2", b"http/1.1"]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let login = pki.leaf(&["login.example.com"]);
+        std::fs::write(dir.path().join("login.pem"), &login.cert_pem).unwrap();
+        std::fs::write(dir.path().join("login-key.pem"), &login.key_pem).unwrap();
+        Self { pki, crm, dir }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The proxy with `connectors`, `login.example.com` pinned to `server`.
+    fn proxy(&self, server: &Server, connectors: &[(&str, &str, &str, &str)]) -> Proxy {
+        let mut tables = String::new();
+        for (name, client_id, alg, secret) in connectors {
+            tables.push_str(&format!(
+                "[orgs.acme.connectors.{name}]\nauth = \"oauth2\"\ngrant = \"client_credentials\"\n\
+                 client_auth = \"client_secret_jwt\"\nclient_assertion_alg = \"{alg}\"\n\
+                 resource_domain = \"https://crm.example.com\"\n\
+                 token_url = \"https://login.example.com/token\"\nclient_id = \"{client_id}\"\n\
+                 client_secret = \"{secret}\"\n\n"
+            ));
+        }
+        let config = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[upstream]
+extra_ca_file = "ca.pem"
+allow_networks = ["127.0.0.0/8"]
+
+[upstream.resolve]
+"crm.example.com:443" = "{crm}"
+"login.example.com:443" = "127.0.0.1:{port}"
+
+[oauth]
+token_timeout = "10s"
+
+{tables}"#,
+            crm = self.crm.addr,
+            port = server.port,
+        );
+        Proxy::start(&config, &[("ca.pem", &self.pki.ca_pem())], &[])
+    }
+}
+
+/// Every connector gets a token (once) and its request through; the wrong-secret one is
+/// refused by the server as `invalid_client`.
+async fn check(world: &World, server: &Server, proxy: &Proxy, good: &[&str]) {
+    for connector in good {
+        for _ in 0..2 {
+            let answer = get(proxy.addr, "/x", &[("x-connector-name", connector)]).await;
+            assert_eq!(
+                answer.status,
+                200,
+                "{connector}: {answer:?}\n{}",
+                server.printed().join("\n")
+            );
+        }
+        let seen = world.crm.seen();
+        let authorization = seen.last().unwrap().headers["authorization"]
+            .to_str()
+            .unwrap();
+        assert!(authorization.starts_with("Bearer ") && authorization.len() > 20);
+    }
+    let refused = get(proxy.addr, "/x", &[("x-connector-name", "wrong")]).await;
+    assert_eq!(refused.status, 502, "{refused:?}");
+    assert_eq!(refused.proxy_error().as_deref(), Some("token_unavailable"));
+    assert_eq!(
+        refused.json()["oauth_error"],
+        "invalid_client",
+        "{refused:?}"
+    );
+    assert_eq!(world.crm.seen().len(), good.len() * 2);
+    let logs = proxy.log_text();
+    assert!(!logs.contains(HS256_SECRET) && !logs.contains(HS512_SECRET));
+}
+
+#[tokio::test]
+async fn client_secret_jwt_is_accepted_by_authlib() {
+    let world = World::new().await;
+    let python = tool(
+        "target/venv/bin/python",
+        "Authlib and Flask from PyPI in target/venv",
+    );
+    let clients =
+        serde_json::json!({ "authlib-client": HS256_SECRET, "wrong-client": HS256_SECRET });
+    let mut command = Command::new(python);
+    command
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/authlib_token_server.py"))
+        .arg(world.file("login.pem"))
+        .arg(world.file("login-key.pem"))
+        .arg("https://login.example.com/token")
+        .arg(clients.to_string());
+    let server = Server::start(command, "Authlib's token endpoint");
+    // Authlib (joserfc) accepts the recommended HS256 by default, not HS384 or HS512.
+    let wrong = "not-the-secret-but-as-long-0123456789abcdef";
+    let proxy = world.proxy(
+        &server,
+        &[
+            ("authlib", "authlib-client", "HS256", HS256_SECRET),
+            ("wrong", "wrong-client", "HS256", wrong),
+        ],
+    );
+    check(&world, &server, &proxy, &["authlib"]).await;
+    let issued: Vec<String> = server
+        .printed()
+        .iter()
+        .filter_map(|l| l.strip_prefix("issued authlib-client ").map(str::to_owned))
+        .collect();
+    assert_eq!(issued.len(), 1, "one token, cached: {issued:?}");
+    assert_eq!(
+        world.crm.seen()[0].headers["authorization"],
+        format!("Bearer {}", issued[0]).as_str()
+    );
+}
+
+#[tokio::test]
+async fn client_secret_jwt_is_accepted_by_oidc_provider() {
+    let world = World::new().await;
+    let modules = tool(
+        "target/npm/node_modules",
+        "oidc-provider from npm in target/npm",
+    );
+    tool(
+        "target/npm/node_modules/oidc-provider",
+        "oidc-provider from npm in target/npm",
+    );
+    let clients = serde_json::json!({
+        "op-hs256": { "secret": HS256_SECRET, "alg": "HS256" },
+        "op-hs512": { "secret": HS512_SECRET, "alg": "HS512" },
+        "wrong-client": { "secret": HS256_SECRET, "alg": "HS256" },
+    });
+    let mut command = Command::new("node");
+    command
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/oidc_provider_server.mjs"))
+        .arg(&modules)
+        .arg(world.file("login.pem"))
+        .arg(world.file("login-key.pem"))
+        .arg("https://login.example.com")
+        .arg(clients.to_string())
+        // The test CA is the proxy's; node needs no trust of its own here.
+        .env("NODE_ENV", "production");
+    let server = Server::start(command, "oidc-provider's token endpoint");
+    let wrong = "not-the-secret-but-as-long-0123456789abcdef";
+    let proxy = world.proxy(
+        &server,
+        &[
+            ("hs256", "op-hs256", "HS256", HS256_SECRET),
+            ("hs512", "op-hs512", "HS512", HS512_SECRET),
+            ("wrong", "wrong-client", "HS256", wrong),
+        ],
+    );
+    check(&world, &server, &proxy, &["hs256", "hs512"]).await;
+    let printed = server.printed();
+    for client in ["op-hs256", "op-hs512"] {
+        let issued = printed
+            .iter()
+            .filter(|l| **l == format!("issued {client}"))
+            .count();
+        assert_eq!(issued, 1, "{client}: {printed:?}");
+    }
+}
