@@ -255,6 +255,7 @@ impl OAuthClient {
         match self.grant {
             Grant::ClientCredentials => GrantKind::ClientCredentials,
             Grant::Password { .. } => GrantKind::Password,
+            Grant::JwtBearer(_) => GrantKind::JwtBearer,
         }
     }
 }
@@ -263,6 +264,22 @@ impl OAuthClient {
 pub enum Grant {
     ClientCredentials,
     Password { username: String, password: Secret },
+    JwtBearer(Box<JwtBearer>),
+}
+
+/// `grant = "jwt_bearer"` (RFC 7523 2.1): the proxy signs an assertion with `key` and presents
+/// it as the grant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtBearer {
+    /// `private_key`, with `certificate` where one is configured (its thumbprints then go in
+    /// the assertion's header).
+    pub key: ClientIdentity,
+    pub alg: AssertionAlg,
+    /// `iss`: `issuer`, else `client_id`.
+    pub issuer: String,
+    pub subject: String,
+    /// `aud`: `audience`, else `token_url`.
+    pub audience: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -282,6 +299,8 @@ pub enum ClientAuth {
         secret: Secret,
         alg: AssertionAlg,
     },
+    /// None: `grant = "jwt_bearer"` without `client_auth` or `client_secret`.
+    None,
 }
 
 impl ClientAuth {
@@ -292,6 +311,7 @@ impl ClientAuth {
             Self::PrivateKeyJwt { .. } => ClientAuthKind::PrivateKeyJwt,
             Self::TlsClientAuth(_) => ClientAuthKind::TlsClientAuth,
             Self::SecretJwt { .. } => ClientAuthKind::ClientSecretJwt,
+            Self::None => ClientAuthKind::None,
         }
     }
 }

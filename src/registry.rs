@@ -296,12 +296,25 @@ fn credentials(
                 })?;
             (upstream.clone(), Some(signer))
         }
-        ClientAuth::SecretBasic(_) | ClientAuth::SecretPost(_) => (upstream.clone(), None),
+        ClientAuth::SecretBasic(_) | ClientAuth::SecretPost(_) | ClientAuth::None => {
+            (upstream.clone(), None)
+        }
+    };
+    let grant_signer = match &client.grant {
+        Grant::JwtBearer(grant) => Some(AssertionSigner::new(&grant.key, grant.alg).map_err(
+            |source| RegistryError::Assertion {
+                org: c.org.clone(),
+                connector: c.name.clone(),
+                source,
+            },
+        )?),
+        Grant::ClientCredentials | Grant::Password { .. } => None,
     };
     let endpoint = TokenEndpoint::new(
         (**client).clone(),
         token_upstream,
         signer,
+        grant_signer,
         config.oauth.token_timeout,
     );
     let shared = cluster.map(|cluster| Shared {
@@ -328,6 +341,9 @@ fn token_identity(c: &ConnectorConfig, client: &OAuthClient) -> Vec<String> {
     let username = match &client.grant {
         Grant::Password { username, .. } => username.clone(),
         Grant::ClientCredentials => String::new(),
+        Grant::JwtBearer(grant) => {
+            format!("{} {} {}", grant.issuer, grant.subject, grant.audience)
+        }
     };
     let mut identity = vec![
         c.org.clone(),

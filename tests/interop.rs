@@ -105,18 +105,9 @@ impl World {
         self.dir.path().join(name)
     }
 
-    /// The proxy with `connectors`, `login.example.com` pinned to `server`.
-    fn proxy(&self, server: &Server, connectors: &[(&str, &str, &str, &str)]) -> Proxy {
-        let mut tables = String::new();
-        for (name, client_id, alg, secret) in connectors {
-            tables.push_str(&format!(
-                "[orgs.acme.connectors.{name}]\nauth = \"oauth2\"\ngrant = \"client_credentials\"\n\
-                 client_auth = \"client_secret_jwt\"\nclient_assertion_alg = \"{alg}\"\n\
-                 resource_domain = \"https://crm.example.com\"\n\
-                 token_url = \"https://login.example.com/token\"\nclient_id = \"{client_id}\"\n\
-                 client_secret = \"{secret}\"\n\n"
-            ));
-        }
+    /// The proxy with `tables` (connectors), `login.example.com` pinned to `server`, and
+    /// `files` beside its configuration.
+    fn proxy(&self, server: &Server, tables: &str, files: &[(&str, &str)]) -> Proxy {
         let config = format!(
             r#"
 [server]
@@ -138,8 +129,36 @@ token_timeout = "10s"
             crm = self.crm.addr,
             port = server.port,
         );
-        Proxy::start(&config, &[("ca.pem", &self.pki.ca_pem())], &[])
+        let ca = self.pki.ca_pem();
+        let mut all = vec![("ca.pem", ca.as_str())];
+        all.extend_from_slice(files);
+        Proxy::start(&config, &all, &[])
     }
+}
+
+/// client_secret_jwt connectors: (name, client id, alg, secret).
+fn secret_jwt(connectors: &[(&str, &str, &str, &str)]) -> String {
+    let mut tables = String::new();
+    for (name, client_id, alg, secret) in connectors {
+        tables.push_str(&format!(
+            "[orgs.acme.connectors.{name}]\nauth = \"oauth2\"\ngrant = \"client_credentials\"\n\
+             client_auth = \"client_secret_jwt\"\nclient_assertion_alg = \"{alg}\"\n\
+             resource_domain = \"https://crm.example.com\"\n\
+             token_url = \"https://login.example.com/token\"\nclient_id = \"{client_id}\"\n\
+             client_secret = \"{secret}\"\n\n"
+        ));
+    }
+    tables
+}
+
+/// A JWT bearer connector for `subject`, signing with `bearer-key.pem`.
+fn jwt_bearer(name: &str, client_id: &str, subject: &str) -> String {
+    format!(
+        "[orgs.acme.connectors.{name}]\nauth = \"oauth2\"\ngrant = \"jwt_bearer\"\n\
+         resource_domain = \"https://crm.example.com\"\n\
+         token_url = \"https://login.example.com/token\"\nclient_id = \"{client_id}\"\n\
+         subject = \"{subject}\"\nprivate_key = {{ file = \"bearer-key.pem\" }}\n\n"
+    )
 }
 
 /// Every connector gets a token (once) and its request through; the wrong-secret one is
@@ -195,10 +214,11 @@ async fn client_secret_jwt_is_accepted_by_authlib() {
     let wrong = "not-the-secret-but-as-long-0123456789abcdef";
     let proxy = world.proxy(
         &server,
-        &[
+        &secret_jwt(&[
             ("authlib", "authlib-client", "HS256", HS256_SECRET),
             ("wrong", "wrong-client", "HS256", wrong),
-        ],
+        ]),
+        &[],
     );
     check(&world, &server, &proxy, &["authlib"]).await;
     let issued: Vec<String> = server
@@ -243,11 +263,12 @@ async fn client_secret_jwt_is_accepted_by_oidc_provider() {
     let wrong = "not-the-secret-but-as-long-0123456789abcdef";
     let proxy = world.proxy(
         &server,
-        &[
+        &secret_jwt(&[
             ("hs256", "op-hs256", "HS256", HS256_SECRET),
             ("hs512", "op-hs512", "HS512", HS512_SECRET),
             ("wrong", "wrong-client", "HS256", wrong),
-        ],
+        ]),
+        &[],
     );
     check(&world, &server, &proxy, &["hs256", "hs512"]).await;
     let printed = server.printed();
@@ -258,4 +279,47 @@ async fn client_secret_jwt_is_accepted_by_oidc_provider() {
             .count();
         assert_eq!(issued, 1, "{client}: {printed:?}");
     }
+}
+
+#[tokio::test]
+async fn the_jwt_bearer_grant_is_accepted_by_authlib() {
+    let world = World::new().await;
+    let python = tool(
+        "target/venv/bin/python",
+        "Authlib and Flask from PyPI in target/venv",
+    );
+    // A bare P-256 key (no certificate): ES256, its natural algorithm.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let subject = "svc@interop.example";
+    let clients = serde_json::json!({
+        "bearer-client": { "public_key": key.public_key_pem(), "subject": subject },
+    });
+    let mut command = Command::new(python);
+    command
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/authlib_token_server.py"))
+        .arg(world.file("login.pem"))
+        .arg(world.file("login-key.pem"))
+        .arg("https://login.example.com/token")
+        .arg(clients.to_string());
+    let server = Server::start(command, "Authlib's token endpoint");
+    let tables = [
+        jwt_bearer("bearer", "bearer-client", subject),
+        // The same client asserting a subject it may not act for.
+        jwt_bearer("wrong", "bearer-client", "someone-else@interop.example"),
+    ]
+    .concat();
+    let key_pem = key.serialize_pem();
+    let proxy = world.proxy(&server, &tables, &[("bearer-key.pem", &key_pem)]);
+    check(&world, &server, &proxy, &["bearer"]).await;
+    let issued: Vec<String> = server
+        .printed()
+        .iter()
+        .filter_map(|l| l.strip_prefix("issued bearer-client ").map(str::to_owned))
+        .collect();
+    assert_eq!(issued.len(), 1, "one token, cached: {issued:?}");
+    assert_eq!(
+        world.crm.seen()[0].headers["authorization"],
+        format!("Bearer {}", issued[0]).as_str()
+    );
+    assert!(!proxy.log_text().contains("PRIVATE KEY"));
 }

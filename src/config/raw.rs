@@ -29,6 +29,9 @@ pub const CONNECTOR_KEYS: &[&str] = &[
     "max_concurrent",
     "rate_limit",
     "burst",
+    "subject",
+    "issuer",
+    "audience",
 ];
 
 use std::collections::BTreeMap;
@@ -205,12 +208,20 @@ pub struct RawConnector {
     /// `"50/s"`, `"600/min"`, `"1000/h"`, `"10/15s"`; beyond, 429 `connector_rate_limited`.
     pub rate_limit: Option<Spanned<String>>,
     pub burst: Option<Spanned<i64>>,
+    /// `grant = "jwt_bearer"`: the assertion's `sub`, and its `iss` and `aud` where they are
+    /// not `client_id` and `token_url`.
+    pub subject: Option<Spanned<String>>,
+    pub issuer: Option<Spanned<String>>,
+    pub audience: Option<Spanned<String>>,
 }
 
 impl RawConnector {
     /// The keys only OAuth connectors take, and whether each is present.
-    pub fn oauth_keys(&self) -> [(&'static str, bool); 10] {
+    pub fn oauth_keys(&self) -> [(&'static str, bool); 13] {
         [
+            ("subject", self.subject.is_some()),
+            ("issuer", self.issuer.is_some()),
+            ("audience", self.audience.is_some()),
             ("grant", self.grant.is_some()),
             ("client_auth", self.client_auth.is_some()),
             ("token_url", self.token_url.is_some()),
@@ -248,6 +259,8 @@ pub enum AuthKind {
 pub enum GrantKind {
     ClientCredentials,
     Password,
+    /// RFC 7523 2.1: an assertion signed with `private_key` is the grant.
+    JwtBearer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -258,6 +271,9 @@ pub enum ClientAuthKind {
     PrivateKeyJwt,
     TlsClientAuth,
     ClientSecretJwt,
+    /// No client authentication: only with `grant = "jwt_bearer"`, whose assertion names the
+    /// client.
+    None,
 }
 
 impl GrantKind {
@@ -266,6 +282,7 @@ impl GrantKind {
         match self {
             Self::ClientCredentials => "client_credentials",
             Self::Password => "password",
+            Self::JwtBearer => "jwt_bearer",
         }
     }
 }
@@ -279,6 +296,7 @@ impl ClientAuthKind {
             Self::PrivateKeyJwt => "private_key_jwt",
             Self::TlsClientAuth => "tls_client_auth",
             Self::ClientSecretJwt => "client_secret_jwt",
+            Self::None => "none",
         }
     }
 }

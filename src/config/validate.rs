@@ -973,7 +973,7 @@ impl Validator<'_> {
             place,
             "grant",
             CONTEXT,
-            "\"client_credentials\" (or \"password\")",
+            "\"client_credentials\" (or \"password\", \"jwt_bearer\")",
         );
         let token_url = self.required(
             &c.token_url,
@@ -984,7 +984,8 @@ impl Validator<'_> {
         );
         let client_id = self.required(&c.client_id, place, "client_id", CONTEXT, "\"flow-engine\"");
         let token_url = token_url.and_then(|t| self.https_url(t, place, "token_url"));
-        let grant = match grant.map(|g| *g.get_ref()) {
+        let grant_kind = grant.map(|g| *g.get_ref());
+        let grant = match grant_kind {
             Some(GrantKind::ClientCredentials) => {
                 self.unused(
                     place,
@@ -1012,28 +1013,59 @@ impl Validator<'_> {
                     .zip(password)
                     .map(|(username, password)| Grant::Password { username, password })
             }
+            Some(GrantKind::JwtBearer) => self.jwt_bearer(
+                c,
+                place,
+                client_id.map(|id| id.get_ref().as_str()),
+                token_url.as_ref(),
+            ),
             None => None,
         };
-        let method = c
-            .client_auth
-            .as_ref()
-            .map_or(ClientAuthKind::ClientSecretBasic, |m| *m.get_ref());
+        // With jwt_bearer, private_key (and certificate, client_assertion_alg) sign the grant:
+        // they are not the client authentication's to refuse.
+        let grant_signs = grant_kind == Some(GrantKind::JwtBearer);
+        let signing_keys = |c: &RawConnector| {
+            [
+                ("certificate", c.certificate.is_some() && !grant_signs),
+                ("private_key", c.private_key.is_some() && !grant_signs),
+                (
+                    "client_assertion_alg",
+                    c.client_assertion_alg.is_some() && !grant_signs,
+                ),
+            ]
+        };
+        let method = c.client_auth.as_ref().map_or(
+            if grant_signs && c.client_secret.is_none() {
+                ClientAuthKind::None
+            } else {
+                ClientAuthKind::ClientSecretBasic
+            },
+            |m| *m.get_ref(),
+        );
         let client_auth = match method {
+            ClientAuthKind::None if grant_signs => {
+                self.unused(
+                    place,
+                    "client_auth = \"none\"",
+                    &[("client_secret", c.client_secret.is_some())],
+                );
+                Some(ClientAuth::None)
+            }
+            ClientAuthKind::None => {
+                self.problem(
+                    self.connector_key("client_auth"),
+                    place,
+                    "client_auth = \"none\" applies to grant = \"jwt_bearer\" only: this grant needs the client to authenticate; use client_secret_basic, client_secret_post, client_secret_jwt, private_key_jwt or tls_client_auth",
+                );
+                None
+            }
             ClientAuthKind::ClientSecretBasic | ClientAuthKind::ClientSecretPost => {
                 let ctx = if method == ClientAuthKind::ClientSecretPost {
                     "client_auth = \"client_secret_post\""
                 } else {
                     "client_auth = \"client_secret_basic\""
                 };
-                self.unused(
-                    place,
-                    ctx,
-                    &[
-                        ("certificate", c.certificate.is_some()),
-                        ("private_key", c.private_key.is_some()),
-                        ("client_assertion_alg", c.client_assertion_alg.is_some()),
-                    ],
-                );
+                self.unused(place, ctx, &signing_keys(c));
                 let secret = self.required(
                     &c.client_secret,
                     place,
@@ -1062,14 +1094,17 @@ impl Validator<'_> {
                 let alg = self.assertion_alg(&identity, wanted, place)?;
                 Some(ClientAuth::PrivateKeyJwt { identity, alg })
             }
-            ClientAuthKind::ClientSecretJwt => self.secret_jwt(c, place),
+            ClientAuthKind::ClientSecretJwt => self.secret_jwt(c, place, grant_signs),
             ClientAuthKind::TlsClientAuth => {
                 self.unused(
                     place,
                     "client_auth = \"tls_client_auth\"",
                     &[
                         ("client_secret", c.client_secret.is_some()),
-                        ("client_assertion_alg", c.client_assertion_alg.is_some()),
+                        (
+                            "client_assertion_alg",
+                            c.client_assertion_alg.is_some() && !grant_signs,
+                        ),
                     ],
                 );
                 self.identity(c, place, "tls_client_auth")
@@ -1112,6 +1147,7 @@ impl Validator<'_> {
 }
 
 mod egress;
+mod jwt_bearer;
 mod limits;
 mod secret_jwt;
 #[cfg(test)]

@@ -1,10 +1,13 @@
 """A token endpoint built on Authlib (PyPI), for the interop tests: the client credentials
-grant, with clients authenticating by client_secret_jwt (RFC 7523, HMAC keyed by the secret).
+grant, with clients authenticating by client_secret_jwt (RFC 7523, HMAC keyed by the secret),
+and the JWT bearer grant (RFC 7523 2.1, an assertion signed with the client's key).
 
     python authlib_token_server.py CERT KEY TOKEN_URL CLIENTS_JSON
 
-CLIENTS_JSON maps client ids to their secrets. Listens on 127.0.0.1 with TLS (CERT, KEY), prints
-"listening <port>", then "issued <client_id> <access_token>" for each token it issues.
+CLIENTS_JSON maps client ids to their secret (a string: client_secret_jwt) or to
+{"public_key": PEM, "subject": ...} (the JWT bearer grant, for that subject only). Listens on
+127.0.0.1 with TLS (CERT, KEY), prints "listening <port>", then
+"issued <client_id> <access_token>" for each token it issues.
 """
 
 import json
@@ -14,6 +17,8 @@ import sys
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
+from authlib.oauth2.rfc7523 import JWTBearerGrant
+from joserfc.jwk import ECKey
 from flask import Flask
 from joserfc.jwk import OctKey
 from werkzeug.serving import make_server
@@ -27,7 +32,9 @@ METHOD = JWTBearerClientAssertion.CLIENT_AUTH_METHOD
 class Client:
     def __init__(self, client_id, secret):
         self.client_id = client_id
-        self.secret = secret
+        # A string (client_secret_jwt) or {"public_key", "subject"} (the JWT bearer grant).
+        self.secret = secret if isinstance(secret, str) else None
+        self.bearer = None if isinstance(secret, str) else secret
 
     def get_client_id(self):
         return self.client_id
@@ -52,6 +59,8 @@ class Client:
         return False
 
     def check_grant_type(self, grant_type):
+        if self.bearer is not None:
+            return grant_type == JWTBearerGrant.GRANT_TYPE
         return grant_type == "client_credentials"
 
 
@@ -76,6 +85,31 @@ class ClientCredentials(grants.ClientCredentialsGrant):
     TOKEN_ENDPOINT_AUTH_METHODS = [METHOD]
 
 
+class User:
+    def __init__(self, subject):
+        self.subject = subject
+
+    def get_user_id(self):
+        return self.subject
+
+
+class JwtBearer(JWTBearerGrant):
+    def resolve_issuer_client(self, issuer):
+        return query_client(issuer)
+
+    def resolve_client_public_key(self, client):
+        return ECKey.import_key(client.bearer["public_key"])
+
+    def authenticate_user(self, subject):
+        return User(subject)
+
+    def get_audiences(self):
+        return [token_url]
+
+    def has_granted_permission(self, client, user):
+        return user.subject == client.bearer["subject"]
+
+
 def query_client(client_id):
     secret = secrets.get(client_id)
     return Client(client_id, secret) if secret is not None else None
@@ -88,6 +122,7 @@ def save_token(token, request):
 app = Flask(__name__)
 server = AuthorizationServer(app, query_client=query_client, save_token=save_token)
 server.register_grant(ClientCredentials)
+server.register_grant(JwtBearer)
 server.register_client_auth_method(METHOD, SecretJwt())
 
 

@@ -3,18 +3,29 @@
 use super::*;
 
 impl Validator<'_> {
-    pub(super) fn secret_jwt(&mut self, c: &RawConnector, place: &str) -> Option<ClientAuth> {
+    /// `grant_signs`: the grant (jwt_bearer) uses `private_key` and `certificate`, and
+    /// `client_assertion_alg` when it names a signature.
+    pub(super) fn secret_jwt(
+        &mut self,
+        c: &RawConnector,
+        place: &str,
+        grant_signs: bool,
+    ) -> Option<ClientAuth> {
         let ctx = "client_auth = \"client_secret_jwt\"";
         self.unused(
             place,
             ctx,
             &[
-                ("certificate", c.certificate.is_some()),
-                ("private_key", c.private_key.is_some()),
+                ("certificate", c.certificate.is_some() && !grant_signs),
+                ("private_key", c.private_key.is_some() && !grant_signs),
             ],
         );
         let alg = match c.client_assertion_alg.as_ref() {
             None => Some(AssertionAlg::HS256),
+            // A signature algorithm is then the grant's.
+            Some(alg) if grant_signs && alg.get_ref().hmac_key_bytes().is_none() => {
+                Some(AssertionAlg::HS256)
+            }
             Some(alg) if alg.get_ref().hmac_key_bytes().is_some() => Some(*alg.get_ref()),
             Some(alg) => {
                 self.problem(Some(alg.span()), place, format!(

@@ -215,3 +215,79 @@ fn rate_limits_are_read_in_every_spelling() {
         ]
     );
 }
+
+#[test]
+fn a_jwt_bearer_grant_defaults_its_issuer_audience_and_client_auth() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    let base = "auth = \"oauth2\"\ngrant = \"jwt_bearer\"\nresource_domain = \"https://a.example.com\"\n\
+                token_url = \"https://login.example.com/token\"\nclient_id = \"svc-client\"\n";
+    let text = format!(
+        "[orgs.acme.connectors.plain]\n{base}subject = \"svc@example.com\"\nprivate_key = {{ file = \"key.pem\" }}\n\
+         [orgs.acme.connectors.named]\n{base}subject = \"svc@example.com\"\nprivate_key = {{ file = \"key.pem\" }}\n\
+         issuer = \"svc@project.example\"\naudience = \"https://oauth2.example.com/token\"\n\
+         client_secret = \"box-secret\"\nclient_auth = \"client_secret_post\"\n"
+    );
+    let config = Config::parse(&text, &dir.path().join("proxy.toml")).unwrap();
+    let client = |name: &str| match &config.orgs["acme"].connectors[name].auth {
+        AuthConfig::OAuth2(client) => client.clone(),
+        other => panic!("{other:?}"),
+    };
+    let grant = |name: &str| match client(name).grant {
+        Grant::JwtBearer(grant) => grant,
+        other => panic!("{other:?}"),
+    };
+    let plain = grant("plain");
+    assert_eq!(
+        (
+            plain.issuer.as_str(),
+            plain.subject.as_str(),
+            plain.audience.as_str(),
+            plain.alg
+        ),
+        (
+            "svc-client",
+            "svc@example.com",
+            "https://login.example.com/token",
+            AssertionAlg::ES256
+        )
+    );
+    assert!(plain.key.cert_chain.is_empty());
+    assert_eq!(client("plain").client_auth, ClientAuth::None);
+    let named = grant("named");
+    assert_eq!(
+        (named.issuer.as_str(), named.audience.as_str()),
+        ("svc@project.example", "https://oauth2.example.com/token")
+    );
+    assert!(matches!(
+        client("named").client_auth,
+        ClientAuth::SecretPost(_)
+    ));
+
+    // The grant's own keys are required; "none" is for this grant only.
+    let found = problems(&format!(
+        "[orgs.acme.connectors.bare]\n{base}\n\
+         [orgs.acme.connectors.cc]\nauth = \"oauth2\"\ngrant = \"client_credentials\"\nclient_auth = \"none\"\n\
+         resource_domain = \"https://a.example.com\"\ntoken_url = \"https://login.example.com/token\"\nclient_id = \"c\"\n"
+    ));
+    let joined = found.join("\n");
+    assert!(
+        joined
+            .contains("orgs.acme.connectors.bare: subject is required for grant = \"jwt_bearer\""),
+        "{joined}"
+    );
+    assert!(
+        joined.contains(
+            "orgs.acme.connectors.bare: private_key is required for grant = \"jwt_bearer\""
+        ),
+        "{joined}"
+    );
+    assert!(
+        joined.contains(
+            "orgs.acme.connectors.cc: client_auth = \"none\" applies to grant = \"jwt_bearer\" only"
+        ),
+        "{joined}"
+    );
+    assert_eq!(found.len(), 3, "{joined}");
+}

@@ -87,20 +87,16 @@ impl AssertionSigner {
                 alg.name()
             )));
         }
-        let cert = identity
-            .cert_chain
-            .first()
-            .ok_or_else(|| AssertionError::Key("no certificate".into()))?;
-        let sha256 = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
-        let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, cert.as_ref());
+        let mut header = serde_json::json!({ "alg": alg.name(), "typ": "JWT" });
         // Both thumbprints: Microsoft's identity platform documents x5t#S256 with PS256 and,
-        // on older pages, x5t with RS256.
-        let header = serde_json::json!({
-            "alg": alg.name(),
-            "typ": "JWT",
-            "x5t#S256": B64URL.encode(sha256.as_ref()),
-            "x5t": B64URL.encode(sha1.as_ref()),
-        });
+        // on older pages, x5t with RS256. Without a certificate (a JWT bearer grant's bare
+        // key), none.
+        if let Some(cert) = identity.cert_chain.first() {
+            let sha256 = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+            let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, cert.as_ref());
+            header["x5t#S256"] = B64URL.encode(sha256.as_ref()).into();
+            header["x5t"] = B64URL.encode(sha1.as_ref()).into();
+        }
         Ok(Self {
             key: Key::Private(key),
             alg,
@@ -109,8 +105,22 @@ impl AssertionSigner {
         })
     }
 
-    /// A fresh assertion: `iss` = `sub` = client id, `aud` = token endpoint, unique `jti`.
+    /// A fresh client assertion: `iss` = `sub` = client id, `aud` = token endpoint, unique
+    /// `jti`.
     pub fn sign(&self, client_id: &str, audience: &str) -> Result<String, AssertionError> {
+        self.sign_claims(client_id, client_id, audience, None)
+    }
+
+    /// A fresh assertion with these claims (and `scope` where given: the JWT bearer grant
+    /// carries it for servers that read it there, as Google's do), a unique `jti`, 60 seconds
+    /// of life.
+    pub fn sign_claims(
+        &self,
+        issuer: &str,
+        subject: &str,
+        audience: &str,
+        scope: Option<&str>,
+    ) -> Result<String, AssertionError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -118,15 +128,18 @@ impl AssertionSigner {
         self.random
             .fill(&mut jti)
             .map_err(|_| AssertionError::Sign("no randomness".into()))?;
-        let claims = serde_json::json!({
-            "iss": client_id,
-            "sub": client_id,
+        let mut claims = serde_json::json!({
+            "iss": issuer,
+            "sub": subject,
             "aud": audience,
             "jti": B64URL.encode(jti),
             "iat": now,
             "nbf": now,
             "exp": now + LIFETIME_SECS,
         });
+        if let Some(scope) = scope {
+            claims["scope"] = serde_json::Value::from(scope);
+        }
         let signing_input = format!("{}.{}", self.header, B64URL.encode(claims.to_string()));
         let signature = match &self.key {
             Key::Hmac(key) => ring::hmac::sign(key, signing_input.as_bytes())

@@ -20,6 +20,8 @@ use crate::secret::Secret;
 /// Token responses are small; anything larger is not one.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// RFC 7523 2.1's `grant_type`.
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// What a token endpoint gave.
 pub struct Issued {
@@ -65,7 +67,10 @@ pub enum GrantRequest<'a> {
 pub struct TokenEndpoint {
     client: OAuthClient,
     upstream: Upstream,
+    /// Client assertions (`private_key_jwt`, `client_secret_jwt`).
     signer: Option<AssertionSigner>,
+    /// The JWT bearer grant's assertions.
+    grant_signer: Option<AssertionSigner>,
     timeout: Duration,
 }
 
@@ -80,17 +85,20 @@ struct RawResponse {
 }
 
 impl TokenEndpoint {
-    /// `upstream` must carry the TLS client identity for `tls_client_auth`.
+    /// `upstream` must carry the TLS client identity for `tls_client_auth`; `signer` signs
+    /// client assertions, `grant_signer` a JWT bearer grant's.
     pub fn new(
         client: OAuthClient,
         upstream: Upstream,
         signer: Option<AssertionSigner>,
+        grant_signer: Option<AssertionSigner>,
         timeout: Duration,
     ) -> Self {
         Self {
             client,
             upstream,
             signer,
+            grant_signer,
             timeout,
         }
     }
@@ -145,6 +153,22 @@ impl TokenEndpoint {
                 form.append_pair("username", username);
                 form.append_pair("password", password.expose());
             }
+            (GrantRequest::Configured, Grant::JwtBearer(grant)) => {
+                let signer = self
+                    .grant_signer
+                    .as_ref()
+                    .expect("jwt_bearer endpoints are built with a grant signer");
+                let assertion = signer
+                    .sign_claims(
+                        &grant.issuer,
+                        &grant.subject,
+                        &grant.audience,
+                        c.scope.as_deref(),
+                    )
+                    .map_err(|e| TokenError::Unreachable(e.to_string()))?;
+                form.append_pair("grant_type", JWT_BEARER_GRANT);
+                form.append_pair("assertion", &assertion);
+            }
         }
         if let Some(scope) = &c.scope {
             form.append_pair("scope", scope);
@@ -189,6 +213,8 @@ impl TokenEndpoint {
             ClientAuth::TlsClientAuth(_) => {
                 form.append_pair("client_id", &c.client_id);
             }
+            // The grant's assertion names the client.
+            ClientAuth::None => {}
         }
         let mut request = Request::builder()
             .method(Method::POST)
