@@ -471,14 +471,22 @@ idle() { # idle PORT HEADER -> RSS KiB of PID while 1,000 keepalive connections 
 }
 cp_idle=$(idle "$CP" 'X-Connector-Name: basic' "$CP_PID")
 ngx_idle=$(idle "$NGX" 'X-Unused: 1' "$(nginx_pid)")
-rss_midway() { sleep "$(awk -v d="$DURATION" 'BEGIN {print d/2}')"; rss "$1" >"$2"; }
+# Halfway through a busy run: the RSS of $1 and the connections open to the upstream.
+upstream_conns() { ss -Htn state established "( dport = :$UP )" | wc -l; }
+rss_midway() {
+    sleep "$(awk -v d="$DURATION" 'BEGIN {print d/2}')"
+    echo "$(rss "$1") $(upstream_conns)" >"$2"
+}
 rss_midway "$CP_PID" "$work/cp-busy" &
-many=$(run basic1000 1000 -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
-cp_rss_1000=$(cat "$work/cp-busy")
+many=$(WATCH=$CP_PID run basic1000 1000 -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
+read -r cp_rss_1000 cp_up_1000 <"$work/cp-busy"
 cp_hwm=$(awk '/VmHWM/ {print $2}' "/proc/$CP_PID/status")
 rss_midway "$(nginx_pid)" "$work/ngx-busy" &
-many_ngx=$(run nginx1000 1000 "http://127.0.0.1:$NGX/")
-ngx_rss_1000=$(cat "$work/ngx-busy")
+many_ngx=$(WATCH=$(nginx_pid) run nginx1000 1000 "http://127.0.0.1:$NGX/")
+read -r ngx_rss_1000 ngx_up_1000 <"$work/ngx-busy"
+rss_midway "$HAP_PID" "$work/hap-busy" &
+many_hap=$(WATCH=$HAP_PID run haproxy1000 1000 "http://127.0.0.1:$HAP/")
+read -r hap_rss_1000 hap_up_1000 <"$work/hap-busy"
 
 # Light load: one connection, for added latency.
 direct1=$(run direct1 1 -H 'Host: crm.example.com' "https://127.0.0.1:$UP/")
@@ -492,8 +500,11 @@ read -r _ _ o99 _ <<<"$oauth"; read -r _ _ r99 _ <<<"$rolling"
 awk -v o="$o99" -v r="$r99" -v t="$rolling_tokens" -v d="$DURATION" 'BEGIN {
     printf "token rollover: p99 %.3f ms against %.3f ms steady (%.2fx); %d token requests in %d s (one per ~1.6 s refresh: ~%.0f)\n", r, o, r/o, t, d, d/1.6 }'
 echo
-read -r m_rps _ m_p99 _ <<<"$many"; read -r mn_rps _ mn_p99 _ <<<"$many_ngx"
-echo "1000 busy connections: connector-proxy $m_rps req/s (p99 $m_p99 ms), RSS $cp_rss_1000 KiB (peak $cp_hwm KiB); nginx $mn_rps req/s (p99 $mn_p99 ms), worker RSS $ngx_rss_1000 KiB"
+read -r m_rps _ m_p99 m_us _ <<<"$many"; read -r mn_rps _ mn_p99 mn_us _ <<<"$many_ngx"
+read -r mh_rps _ mh_p99 mh_us _ <<<"$many_hap"
+echo "1000 busy connections: connector-proxy $m_rps req/s (p99 $m_p99 ms, $m_us CPU us/req), RSS $cp_rss_1000 KiB (peak $cp_hwm KiB), $cp_up_1000 upstream connections; nginx $mn_rps req/s (p99 $mn_p99 ms, $mn_us us/req), worker RSS $ngx_rss_1000 KiB, $ngx_up_1000 upstream connections; HAProxy $mh_rps req/s (p99 $mh_p99 ms, $mh_us us/req), RSS $hap_rss_1000 KiB, $hap_up_1000 upstream connections"
+awk -v c="$m_rps" -v n="$mn_rps" -v h="$mh_rps" 'BEGIN { printf "1000 busy connections: connector-proxy %.2fx nginx, %.2fx HAProxy\n", c/n, c/h }'
+curl -s "http://127.0.0.1:$CPA/metrics" | grep '^connector_proxy_upstream_tls_handshakes_total' || true
 echo "1000 idle keepalive connections: connector-proxy RSS $cp_idle KiB; nginx worker RSS $ngx_idle KiB"
 read -r _ d50 _ <<<"$direct1"; read -r _ n50 _ <<<"$ngx1"; read -r _ b50 _ <<<"$basic1"
 awk -v d="$d50" -v n="$n50" -v b="$b50" 'BEGIN {
