@@ -471,11 +471,12 @@ idle() { # idle PORT HEADER -> RSS KiB of PID while 1,000 keepalive connections 
 }
 cp_idle=$(idle "$CP" 'X-Connector-Name: basic' "$CP_PID")
 ngx_idle=$(idle "$NGX" 'X-Unused: 1' "$(nginx_pid)")
-# Halfway through a busy run: the RSS of $1 and the connections open to the upstream.
-upstream_conns() { ss -Htn state established "( dport = :$UP )" | wc -l; }
+# Halfway through a busy run: the RSS of $1 and the connections it has open to the upstream
+# (its own only: the other servers keep their idle pooled connections from earlier rows).
+upstream_conns() { ss -Htnp state established "( dport = :$UP )" | grep -c "pid=$1," || true; }
 rss_midway() {
     sleep "$(awk -v d="$DURATION" 'BEGIN {print d/2}')"
-    echo "$(rss "$1") $(upstream_conns)" >"$2"
+    echo "$(rss "$1") $(upstream_conns "$1")" >"$2"
 }
 rss_midway "$CP_PID" "$work/cp-busy" &
 many=$(WATCH=$CP_PID run basic1000 1000 -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
