@@ -387,17 +387,8 @@ fn verify_hmac_assertion(
     client_id: &str,
     audience: &str,
 ) -> Result<String, String> {
-    let mut parts = jwt.split('.');
-    let (Some(h), Some(c), Some(sig), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("not three parts".into());
-    };
-    let decode = |p: &str| B64URL.decode(p).map_err(|e| e.to_string());
-    let header: serde_json::Value =
-        serde_json::from_slice(&decode(h)?).map_err(|e| e.to_string())?;
-    let claims: serde_json::Value =
-        serde_json::from_slice(&decode(c)?).map_err(|e| e.to_string())?;
+    let jwt = Jwt::read(jwt)?;
+    let (header, claims) = (&jwt.header, &jwt.claims);
     let algorithm = match header["alg"].as_str() {
         Some("HS256") => ring::hmac::HMAC_SHA256,
         Some("HS384") => ring::hmac::HMAC_SHA384,
@@ -405,9 +396,39 @@ fn verify_hmac_assertion(
         other => return Err(format!("alg {other:?}")),
     };
     let key = ring::hmac::Key::new(algorithm, secret.as_bytes());
-    ring::hmac::verify(&key, format!("{h}.{c}").as_bytes(), &decode(sig)?)
+    ring::hmac::verify(&key, jwt.signed.as_bytes(), &jwt.signature)
         .map_err(|_| "bad MAC".to_owned())?;
-    check_claims(&claims, client_id, audience)
+    check_claims(claims, client_id, audience)
+}
+
+/// A JWT's parts, decoded; its signature not checked yet.
+struct Jwt {
+    header: serde_json::Value,
+    claims: serde_json::Value,
+    /// `header.claims`, as the signature covers them.
+    signed: String,
+    signature: Vec<u8>,
+}
+
+impl Jwt {
+    fn read(jwt: &str) -> Result<Self, String> {
+        let mut parts = jwt.split('.');
+        let (Some(h), Some(c), Some(sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("not three parts".into());
+        };
+        let decode = |p: &str| B64URL.decode(p).map_err(|e| e.to_string());
+        let json = |p: &str| -> Result<serde_json::Value, String> {
+            serde_json::from_slice(&decode(p)?).map_err(|e| e.to_string())
+        };
+        Ok(Self {
+            header: json(h)?,
+            claims: json(c)?,
+            signed: format!("{h}.{c}"),
+            signature: decode(sig)?,
+        })
+    }
 }
 
 /// `iss` = `sub` = the client, `aud` the token endpoint, a short `exp`; returns the `jti`.
@@ -439,18 +460,8 @@ fn verify_assertion(
     client_id: &str,
     audience: &str,
 ) -> Result<String, String> {
-    let mut parts = jwt.split('.');
-    let (Some(h), Some(c), Some(sig), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("not three parts".into());
-    };
-    let decode = |p: &str| B64URL.decode(p).map_err(|e| e.to_string());
-    let header: serde_json::Value =
-        serde_json::from_slice(&decode(h)?).map_err(|e| e.to_string())?;
-    let claims: serde_json::Value =
-        serde_json::from_slice(&decode(c)?).map_err(|e| e.to_string())?;
-    let signature = decode(sig)?;
+    let jwt = Jwt::read(jwt)?;
+    let (header, claims, signature) = (&jwt.header, &jwt.claims, &jwt.signature);
     let thumbprint = B64URL.encode(ring::digest::digest(&ring::digest::SHA256, cert.as_ref()));
     if header["x5t#S256"] != thumbprint.as_str() || header["typ"] != "JWT" {
         return Err("wrong x5t#S256".into());
@@ -462,24 +473,24 @@ fn verify_assertion(
     if header["x5t"] != sha1.as_str() {
         return Err("wrong x5t".into());
     }
-    let jti = check_claims(&claims, client_id, audience)?;
+    let jti = check_claims(claims, client_id, audience)?;
     let end_entity = webpki::EndEntityCert::try_from(cert).map_err(|e| e.to_string())?;
-    let input = format!("{h}.{c}");
+    let input = &jwt.signed;
     let verified = match header["alg"].as_str() {
         Some("RS256") => end_entity.verify_signature(
             webpki::ring::RSA_PKCS1_2048_8192_SHA256,
             input.as_bytes(),
-            &signature,
+            signature,
         ),
         Some("PS256") => end_entity.verify_signature(
             webpki::ring::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
             input.as_bytes(),
-            &signature,
+            signature,
         ),
         Some("ES256") => end_entity.verify_signature(
             webpki::ring::ECDSA_P256_SHA256,
             input.as_bytes(),
-            &fixed_to_der(&signature),
+            &fixed_to_der(signature),
         ),
         other => return Err(format!("alg {other:?}")),
     };
