@@ -238,6 +238,33 @@ async fn an_egress_proxy_that_is_down_is_upstream_unreachable_naming_it() {
 }
 
 #[tokio::test]
+async fn an_egress_proxy_that_never_answers_times_out_naming_it() {
+    let world = World::new().await;
+    // Connections are accepted (the kernel's backlog) and never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let config = config(
+        &format!("allow_networks = [\"127.0.0.0/8\"]\negress_proxy = \"http://{addr}\""),
+        &format!("\"crm.example.com:443\" = \"{}\"", world.crm.addr),
+        &basic("crm", "https://crm.example.com", ""),
+    );
+    let proxy = Proxy::start(&config, &[("ca.pem", &world.pki.ca_pem())], &[]);
+    let (status, code, message) = error_of(&proxy, "crm").await;
+    assert_eq!(
+        (status, code.as_str()),
+        (502, "upstream_unreachable"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!(
+            "no connection to crm.example.com through the egress proxy http://{addr} within 3s"
+        )),
+        "{message}"
+    );
+    drop(silent);
+}
+
+#[tokio::test]
 async fn the_address_policy_applies_to_the_egress_proxy_and_to_the_target() {
     let world = World::new().await;
     // The egress proxy on 127.0.0.2, the only network allowed; crm is pinned to 127.0.0.1.

@@ -35,8 +35,14 @@ pub enum ConnectError {
     Resolve { host: String, source: io::Error },
     #[error("cannot connect to {host}: {source}")]
     Connect { host: String, source: io::Error },
-    #[error("no connection to {host} within {timeout:?} (upstream.connect_timeout)")]
-    Timeout { host: String, timeout: Duration },
+    /// `through` names the egress proxy (" through the egress proxy http://...") when the
+    /// connection was being made through one; it is empty otherwise.
+    #[error("no connection to {host}{through} within {timeout:?} (upstream.connect_timeout)")]
+    Timeout {
+        host: String,
+        through: String,
+        timeout: Duration,
+    },
     #[error("TLS handshake with {host} failed: {source}")]
     Tls { host: String, source: io::Error },
     #[error("HTTP/2 handshake with {host} failed: {source}")]
@@ -131,13 +137,18 @@ impl UpstreamConnector {
         slot: OwnedSemaphorePermit,
     ) -> Result<UpstreamStream, ConnectError> {
         let timeout = self.inner.timeout;
-        match tokio::time::timeout(timeout, self.inner.connect(uri)).await {
+        // Set by the connect when it goes through the egress proxy, for the timeout's message.
+        let mut through = None;
+        match tokio::time::timeout(timeout, self.inner.connect(uri, &mut through)).await {
             Ok(result) => result.map(|tls| UpstreamStream {
                 tls: Box::new(tls),
                 _slot: slot,
             }),
             Err(_) => Err(ConnectError::Timeout {
                 host: uri.host().unwrap_or_default().to_owned(),
+                through: through.map_or_else(String::new, |proxy| {
+                    format!(" through the egress proxy {proxy}")
+                }),
                 timeout,
             }),
         }
@@ -185,7 +196,11 @@ impl Inner {
             .clone()
     }
 
-    async fn connect(&self, uri: &Uri) -> Result<TlsStream<Transport>, ConnectError> {
+    async fn connect(
+        &self,
+        uri: &Uri,
+        through: &mut Option<String>,
+    ) -> Result<TlsStream<Transport>, ConnectError> {
         if uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
             return Err(ConnectError::NotHttps);
         }
@@ -221,6 +236,7 @@ impl Inner {
                         Some(pin) => pin.to_string(),
                         None => format!("{host}:{port}"),
                     };
+                    *through = Some(egress.url().to_owned());
                     egress.tunnel(&target, &self.policy).await?
                 }
             }

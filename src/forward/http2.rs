@@ -221,7 +221,13 @@ impl Http2Pool {
             }
             Err(_) => {
                 let host = authority.host().to_owned();
-                return Err(ConnectError::Timeout { host, timeout }.into());
+                let through = String::new();
+                return Err(ConnectError::Timeout {
+                    host,
+                    through,
+                    timeout,
+                }
+                .into());
             }
         }
         host.conns.lock().expect("host lock").push(conn.clone());
