@@ -1,7 +1,8 @@
 //! The request path: one handler calling plain async steps in order: CONNECT refused -> admit
-//! -> connector and org -> inbound authentication -> target rule -> credentials -> forward
-//! (with a replay after a 401 where the body was kept). Every request ends in one canonical log
-//! line and in the request metrics. Header rules, bodies and replay live in the modules below.
+//! -> connector and org -> inbound authentication -> target rule -> the connector's limits ->
+//! credentials -> forward (with a replay after a 401 where the body was kept). Every request ends
+//! in one canonical log line and in the request metrics. Header rules, bodies and replay live in
+//! the modules below.
 
 pub mod body;
 pub mod headers;
