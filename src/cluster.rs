@@ -85,6 +85,8 @@ const DELETE_IF: &str = RELEASE;
 /// arrival time (microseconds) at `KEYS[1]`. ARGV: the interval a request takes (µs) and the
 /// burst. Answers the microseconds to wait, 0 when the request is admitted (and counted).
 const GCRA: &str = r"
+-- Writes after TIME need effects replication: the default from Redis 5, asked for before it.
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -101,6 +103,7 @@ return 0
 /// ms), the lapsed ones dropped; answers how many are present. ARGV: the replica, the presence
 /// in ms.
 const PRESENT: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])

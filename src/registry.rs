@@ -341,9 +341,8 @@ fn token_identity(c: &ConnectorConfig, client: &OAuthClient) -> Vec<String> {
     let username = match &client.grant {
         Grant::Password { username, .. } => username.clone(),
         Grant::ClientCredentials => String::new(),
-        Grant::JwtBearer(grant) => {
-            format!("{} {} {}", grant.issuer, grant.subject, grant.audience)
-        }
+        // Its three parts follow, each a part of its own.
+        Grant::JwtBearer(_) => String::new(),
     };
     let mut identity = vec![
         c.org.clone(),
@@ -355,6 +354,13 @@ fn token_identity(c: &ConnectorConfig, client: &OAuthClient) -> Vec<String> {
         client.scope.clone().unwrap_or_default(),
         username,
     ];
+    if let Grant::JwtBearer(grant) = &client.grant {
+        identity.extend([
+            grant.issuer.clone(),
+            grant.subject.clone(),
+            grant.audience.clone(),
+        ]);
+    }
     for (key, value) in &client.extra_params {
         identity.push(format!("{key}={value}"));
     }

@@ -48,6 +48,7 @@ const PROXY_SET_PARAMS: &[&str] = &[
     "password",
     "refresh_token",
     "scope",
+    "assertion",
 ];
 
 struct Validator<'a> {
@@ -1042,6 +1043,19 @@ impl Validator<'_> {
             },
             |m| *m.get_ref(),
         );
+        if grant_signs
+            && method != ClientAuthKind::ClientSecretJwt
+            && let Some(alg) = c
+                .client_assertion_alg
+                .as_ref()
+                .filter(|a| a.get_ref().hmac_key_bytes().is_some())
+        {
+            // It would otherwise be ignored, and client_secret sent as it is.
+            self.problem(Some(alg.span()), place, format!(
+                "client_assertion_alg {} is for client_auth = \"client_secret_jwt\", which is not set; set it, or remove client_assertion_alg (the grant signs with the key's own algorithm)",
+                alg.get_ref().name()
+            ));
+        }
         let client_auth = match method {
             ClientAuthKind::None if grant_signs => {
                 self.unused(
@@ -1125,6 +1139,7 @@ impl Validator<'_> {
                             "client_id" => "client_id",
                             "client_secret" | "client_assertion" | "client_assertion_type" => "client_auth",
                             "username" | "password" | "refresh_token" => "grant = \"password\"",
+                            "assertion" => "grant = \"jwt_bearer\"",
                             _ => "scope",
                         }
                     ));

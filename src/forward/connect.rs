@@ -210,7 +210,7 @@ impl Inner {
         let pin = self.pins.get(&(host.to_owned(), port)).copied();
         let ip = pin.map(|p| p.ip()).or_else(|| bare.parse::<IpAddr>().ok());
         let transport = match &self.egress {
-            None => Transport::Tcp(self.dial(host, bare, port, pin, ip).await?),
+            None => Transport::Tcp(self.dial(host, bare, port, pin, ip, &[]).await?),
             Some(egress) => {
                 // Resolved here to be checked, where it can be; the egress proxy resolves it
                 // again (or alone, where only its DNS knows the name).
@@ -222,7 +222,8 @@ impl Inner {
                         .unwrap_or_default(),
                 };
                 if egress.bypasses(bare, ip, &resolved) {
-                    Transport::Tcp(self.dial(host, bare, port, pin, ip).await?)
+                    // The addresses `no_proxy` judged, not a second lookup's.
+                    Transport::Tcp(self.dial(host, bare, port, pin, ip, &resolved).await?)
                 } else {
                     // Any internal address refuses the target: which one the egress proxy
                     // picks is not ours to choose.
@@ -260,8 +261,8 @@ impl Inner {
         Ok(tls)
     }
 
-    /// TCP straight to the target: its pin, its address, or what DNS gives, each address
-    /// checked by the policy.
+    /// TCP straight to the target: its pin, its address, the addresses already `resolved`, or
+    /// what DNS gives, each address checked by the policy.
     async fn dial(
         &self,
         host: &str,
@@ -269,11 +270,17 @@ impl Inner {
         port: u16,
         pin: Option<SocketAddr>,
         ip: Option<IpAddr>,
+        resolved: &[IpAddr],
     ) -> Result<TcpStream, ConnectError> {
         let addrs: Vec<SocketAddr> = if let Some(pin) = pin {
             vec![pin]
         } else if let Some(ip) = ip {
             vec![SocketAddr::new(ip, port)]
+        } else if !resolved.is_empty() {
+            resolved
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, port))
+                .collect()
         } else {
             tokio::net::lookup_host((bare, port))
                 .await

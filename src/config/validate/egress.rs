@@ -67,9 +67,20 @@ impl Validator<'_> {
         auth: Option<&Spanned<SecretSource>>,
         place: &str,
     ) -> Option<EgressProxy> {
-        let text = value.get_ref().trim();
+        // Messages show the URL without what may be credentials in it, which are refused
+        // first whatever else is wrong.
+        let written = value.get_ref().trim();
+        let text = &*redact(written);
         let example =
             "write one such as \"http://proxy.corp.example:3128\" (https:// for TLS to the proxy)";
+        if text != written {
+            self.problem(
+                Some(value.span()),
+                place,
+                "egress_proxy carries credentials in the URL; put \"user:password\" in egress_proxy_auth (a secret, e.g. { env = \"EGRESS_PROXY_AUTH\" }) and remove them from the URL",
+            );
+            return None;
+        }
         let url = match url::Url::parse(text) {
             Ok(url) => url,
             Err(e) => {
@@ -91,15 +102,6 @@ impl Validator<'_> {
                 return None;
             }
         };
-        if !url.username().is_empty() || url.password().is_some() {
-            // The message does not repeat the URL: it holds a password.
-            self.problem(
-                Some(value.span()),
-                place,
-                "egress_proxy carries credentials in the URL; put \"user:password\" in egress_proxy_auth (a secret, e.g. { env = \"EGRESS_PROXY_AUTH\" }) and remove them from the URL",
-            );
-            return None;
-        }
         if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
             self.problem(Some(value.span()), place, format!(
                 "egress_proxy {text:?} has a path or query, which a CONNECT proxy does not use; write only the scheme, host and port"
@@ -196,5 +198,22 @@ impl Validator<'_> {
             Ok(url::Host::Ipv6(ip)) => Some(NoProxy::Net(IpNet::from(std::net::IpAddr::V6(ip)))),
             Err(e) => refuse(self, &format!("is not a host name ({e})")),
         }
+    }
+}
+
+/// `scheme://user:password@host` as `scheme://[credentials]@host`: what precedes the last `@` of
+/// the authority may be a password.
+fn redact(text: &str) -> std::borrow::Cow<'_, str> {
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, text),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    match authority.rfind('@') {
+        Some(at) => {
+            let scheme = scheme.map_or_else(String::new, |s| format!("{s}://"));
+            std::borrow::Cow::Owned(format!("{scheme}[credentials]{}", &rest[at..]))
+        }
+        None => std::borrow::Cow::Borrowed(text),
     }
 }

@@ -48,7 +48,7 @@ impl Validator<'_> {
                 }),
                 Err(why) => {
                     self.problem(Some(text.span()), place, format!(
-                        "rate_limit {:?} {why}; write requests per time, such as \"50/s\", \"600/min\", \"1000/h\" or \"10/15s\"",
+                        "rate_limit {:?} {why}; write requests per time, such as \"50/s\", \"600/min\", \"1000/h\", \"10000/day\" or \"10/15s\"",
                         text.get_ref()
                     ));
                     None
@@ -61,6 +61,9 @@ impl Validator<'_> {
         }
     }
 }
+
+/// The longest time a rate may be counted over: a yearly quota at the most.
+const MAX_PERIOD: Duration = Duration::from_secs(366 * 86_400);
 
 /// `"50/s"` as (50, one second).
 fn parse_rate(text: &str) -> Result<(u32, Duration), &'static str> {
@@ -76,10 +79,14 @@ fn parse_rate(text: &str) -> Result<(u32, Duration), &'static str> {
         "s" | "sec" | "second" => Duration::from_secs(1),
         "m" | "min" | "minute" => Duration::from_secs(60),
         "h" | "hour" => Duration::from_secs(3600),
+        "d" | "day" => Duration::from_secs(86_400),
         other => humantime::parse_duration(other).map_err(|_| "has no time after the \"/\"")?,
     };
     if per.is_zero() {
         return Err("has a time of zero");
+    }
+    if per > MAX_PERIOD {
+        return Err("has a time longer than 366 days");
     }
     if (per / count).is_zero() {
         return Err("is more than one request per nanosecond");

@@ -291,3 +291,70 @@ fn a_jwt_bearer_grant_defaults_its_issuer_audience_and_client_auth() {
     );
     assert_eq!(found.len(), 3, "{joined}");
 }
+
+#[test]
+fn credentials_in_an_egress_proxy_url_are_refused_first_and_never_repeated() {
+    for url in [
+        "socks5://svc:hunter2@proxy.corp:1080",
+        "http://svc:hunter2@proxy.corp:99999",
+        "http://svc:hunter2@proxy.corp:3128/path",
+        "svc:hunter2@proxy.corp",
+    ] {
+        let found = problems(&format!("[upstream]\negress_proxy = \"{url}\"\n"));
+        assert_eq!(found.len(), 1, "{url}: {found:#?}");
+        assert!(
+            found[0].contains("carries credentials in the URL"),
+            "{url}: {}",
+            found[0]
+        );
+        assert!(!found[0].contains("hunter2"), "{url}: {}", found[0]);
+    }
+}
+
+#[test]
+fn a_day_is_a_rate_period_and_more_than_a_year_is_refused() {
+    let connector = |limit: &str| {
+        format!(
+            "[orgs.acme.connectors.c]\nauth = \"basic\"\nresource_domain = \"https://c.example\"\n\
+             username = \"u\"\npassword = \"p\"\nrate_limit = \"{limit}\"\n"
+        )
+    };
+    let config = Config::parse(&connector("10000/day"), Path::new("proxy.toml")).unwrap();
+    let rate = config.orgs["acme"].connectors["c"]
+        .limits
+        .rate
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (rate.count, rate.per),
+        (10_000, Duration::from_secs(86_400))
+    );
+    let found = problems(&connector("1/400days"));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].contains("has a time longer than 366 days"),
+        "{}",
+        found[0]
+    );
+}
+
+#[test]
+fn a_jwt_bearer_grant_refuses_what_it_would_otherwise_ignore() {
+    let base = "auth = \"oauth2\"\ngrant = \"jwt_bearer\"\nresource_domain = \"https://a.example.com\"\n\
+                token_url = \"https://login.example.com/token\"\nclient_id = \"c\"\nsubject = \"s\"\n\
+                private_key = \"not read: the problems below come first\"\n";
+    let found = problems(&format!(
+        "[orgs.acme.connectors.hmac]\n{base}client_secret = \"0123456789abcdef0123456789abcdef\"\n\
+         client_assertion_alg = \"HS256\"\n\
+         [orgs.acme.connectors.twice]\n{base}extra_params = {{ assertion = \"mine\" }}\n"
+    ));
+    let joined = found.join("\n");
+    assert!(
+        joined.contains("orgs.acme.connectors.hmac: client_assertion_alg HS256 is for client_auth = \"client_secret_jwt\", which is not set"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("orgs.acme.connectors.twice: extra_params must not set \"assertion\""),
+        "{joined}"
+    );
+}
