@@ -218,8 +218,19 @@ async fn an_egress_proxy_that_is_down_is_upstream_unreachable_naming_it() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let down = closed.local_addr().unwrap();
     drop(closed);
+    let message = unreachable_through(&world, down).await;
+    assert!(
+        message.contains(&format!("cannot reach the egress proxy http://{down}")),
+        "{message}"
+    );
+    assert!(world.crm.seen().is_empty());
+}
+
+/// A Basic connector for crm behind the egress proxy at `egress`, whose one request must be
+/// `upstream_unreachable`; its message.
+async fn unreachable_through(world: &World, egress: std::net::SocketAddr) -> String {
     let config = config(
-        &format!("allow_networks = [\"127.0.0.0/8\"]\negress_proxy = \"http://{down}\""),
+        &format!("allow_networks = [\"127.0.0.0/8\"]\negress_proxy = \"http://{egress}\""),
         &format!("\"crm.example.com:443\" = \"{}\"", world.crm.addr),
         &basic("crm", "https://crm.example.com", ""),
     );
@@ -230,11 +241,7 @@ async fn an_egress_proxy_that_is_down_is_upstream_unreachable_naming_it() {
         (502, "upstream_unreachable"),
         "{message}"
     );
-    assert!(
-        message.contains(&format!("cannot reach the egress proxy http://{down}")),
-        "{message}"
-    );
-    assert!(world.crm.seen().is_empty());
+    message
 }
 
 #[tokio::test]
@@ -243,18 +250,7 @@ async fn an_egress_proxy_that_never_answers_times_out_naming_it() {
     // Connections are accepted (the kernel's backlog) and never answered.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap();
-    let config = config(
-        &format!("allow_networks = [\"127.0.0.0/8\"]\negress_proxy = \"http://{addr}\""),
-        &format!("\"crm.example.com:443\" = \"{}\"", world.crm.addr),
-        &basic("crm", "https://crm.example.com", ""),
-    );
-    let proxy = Proxy::start(&config, &[("ca.pem", &world.pki.ca_pem())], &[]);
-    let (status, code, message) = error_of(&proxy, "crm").await;
-    assert_eq!(
-        (status, code.as_str()),
-        (502, "upstream_unreachable"),
-        "{message}"
-    );
+    let message = unreachable_through(&world, addr).await;
     assert!(
         message.contains(&format!(
             "no connection to crm.example.com through the egress proxy http://{addr} within 3s"

@@ -193,15 +193,12 @@ async fn check(world: &World, server: &Server, proxy: &Proxy, good: &[&str]) {
     assert!(!logs.contains(HS256_SECRET) && !logs.contains(HS512_SECRET));
 }
 
-#[tokio::test]
-async fn client_secret_jwt_is_accepted_by_authlib() {
-    let world = World::new().await;
+/// Authlib's token endpoint (`tests/interop/authlib_token_server.py`) for `clients`.
+fn authlib(world: &World, clients: &serde_json::Value) -> Server {
     let python = tool(
         "target/venv/bin/python",
         "Authlib and Flask from PyPI in target/venv",
     );
-    let clients =
-        serde_json::json!({ "authlib-client": HS256_SECRET, "wrong-client": HS256_SECRET });
     let mut command = Command::new(python);
     command
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/authlib_token_server.py"))
@@ -209,7 +206,31 @@ async fn client_secret_jwt_is_accepted_by_authlib() {
         .arg(world.file("login-key.pem"))
         .arg("https://login.example.com/token")
         .arg(clients.to_string());
-    let server = Server::start(command, "Authlib's token endpoint");
+    Server::start(command, "Authlib's token endpoint")
+}
+
+/// Authlib issued `client` one token (cached after), and the upstream's first request carried
+/// it.
+fn issued_once_and_sent(world: &World, server: &Server, client: &str) {
+    let prefix = format!("issued {client} ");
+    let issued: Vec<String> = server
+        .printed()
+        .iter()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_owned))
+        .collect();
+    assert_eq!(issued.len(), 1, "one token, cached: {issued:?}");
+    assert_eq!(
+        world.crm.seen()[0].headers["authorization"],
+        format!("Bearer {}", issued[0]).as_str()
+    );
+}
+
+#[tokio::test]
+async fn client_secret_jwt_is_accepted_by_authlib() {
+    let world = World::new().await;
+    let clients =
+        serde_json::json!({ "authlib-client": HS256_SECRET, "wrong-client": HS256_SECRET });
+    let server = authlib(&world, &clients);
     // Authlib (joserfc) accepts the recommended HS256 by default, not HS384 or HS512.
     let wrong = "not-the-secret-but-as-long-0123456789abcdef";
     let proxy = world.proxy(
@@ -221,16 +242,7 @@ async fn client_secret_jwt_is_accepted_by_authlib() {
         &[],
     );
     check(&world, &server, &proxy, &["authlib"]).await;
-    let issued: Vec<String> = server
-        .printed()
-        .iter()
-        .filter_map(|l| l.strip_prefix("issued authlib-client ").map(str::to_owned))
-        .collect();
-    assert_eq!(issued.len(), 1, "one token, cached: {issued:?}");
-    assert_eq!(
-        world.crm.seen()[0].headers["authorization"],
-        format!("Bearer {}", issued[0]).as_str()
-    );
+    issued_once_and_sent(&world, &server, "authlib-client");
 }
 
 #[tokio::test]
@@ -284,24 +296,13 @@ async fn client_secret_jwt_is_accepted_by_oidc_provider() {
 #[tokio::test]
 async fn the_jwt_bearer_grant_is_accepted_by_authlib() {
     let world = World::new().await;
-    let python = tool(
-        "target/venv/bin/python",
-        "Authlib and Flask from PyPI in target/venv",
-    );
     // A bare P-256 key (no certificate): ES256, its natural algorithm.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let subject = "svc@interop.example";
     let clients = serde_json::json!({
         "bearer-client": { "public_key": key.public_key_pem(), "subject": subject },
     });
-    let mut command = Command::new(python);
-    command
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/authlib_token_server.py"))
-        .arg(world.file("login.pem"))
-        .arg(world.file("login-key.pem"))
-        .arg("https://login.example.com/token")
-        .arg(clients.to_string());
-    let server = Server::start(command, "Authlib's token endpoint");
+    let server = authlib(&world, &clients);
     let tables = [
         jwt_bearer("bearer", "bearer-client", subject),
         // The same client asserting a subject it may not act for.
@@ -311,15 +312,6 @@ async fn the_jwt_bearer_grant_is_accepted_by_authlib() {
     let key_pem = key.serialize_pem();
     let proxy = world.proxy(&server, &tables, &[("bearer-key.pem", &key_pem)]);
     check(&world, &server, &proxy, &["bearer"]).await;
-    let issued: Vec<String> = server
-        .printed()
-        .iter()
-        .filter_map(|l| l.strip_prefix("issued bearer-client ").map(str::to_owned))
-        .collect();
-    assert_eq!(issued.len(), 1, "one token, cached: {issued:?}");
-    assert_eq!(
-        world.crm.seen()[0].headers["authorization"],
-        format!("Bearer {}", issued[0]).as_str()
-    );
+    issued_once_and_sent(&world, &server, "bearer-client");
     assert!(!proxy.log_text().contains("PRIVATE KEY"));
 }
