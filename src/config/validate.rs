@@ -645,29 +645,51 @@ impl Validator<'_> {
         let cert_pem = self.secret(cert, place, "certificate");
         let key_pem = self.secret(key, place, "private_key");
         let (cert_pem, key_pem) = (cert_pem?, key_pem?);
-        let cert_chain: Vec<_> = CertificateDer::pem_slice_iter(cert_pem.expose().as_bytes())
+        let cert_chain = self.certificates(&cert_pem, cert, place);
+        let key_der = self.private_key_der(&key_pem, key, place);
+        Some(ClientIdentity {
+            cert_chain: cert_chain?,
+            key: key_der?,
+        })
+    }
+
+    /// The certificates of `pem` (loaded from `source`); a problem where it holds none.
+    fn certificates(
+        &mut self,
+        pem: &Secret,
+        source: &Spanned<SecretSource>,
+        place: &str,
+    ) -> Option<Vec<CertificateDer<'static>>> {
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(pem.expose().as_bytes())
             .filter_map(Result::ok)
             .collect();
-        if cert_chain.is_empty() {
+        if chain.is_empty() {
             self.problem(
-                Some(cert.span()),
+                Some(source.span()),
                 place,
                 "certificate holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")",
             );
+            return None;
         }
-        let key_der = PrivateKeyDer::from_pem_slice(key_pem.expose().as_bytes()).ok();
-        if key_der.is_none() {
+        Some(chain)
+    }
+
+    /// The private key of `pem` (loaded from `source`); a problem where it holds none.
+    fn private_key_der(
+        &mut self,
+        pem: &Secret,
+        source: &Spanned<SecretSource>,
+        place: &str,
+    ) -> Option<PrivateKeyDer<'static>> {
+        let key = PrivateKeyDer::from_pem_slice(pem.expose().as_bytes()).ok();
+        if key.is_none() {
             self.problem(
-                Some(key.span()),
+                Some(source.span()),
                 place,
                 "private_key holds no PEM private key (\"-----BEGIN PRIVATE KEY-----\", RSA or EC)",
             );
         }
-        Some(ClientIdentity {
-            cert_chain,
-            key: key_der?,
-        })
-        .filter(|i| !i.cert_chain.is_empty())
+        key
     }
 
     /// The JWS algorithm for `private_key_jwt`: the configured one if the key can sign with it,

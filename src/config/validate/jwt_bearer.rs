@@ -30,31 +30,13 @@ impl Validator<'_> {
         );
         let (subject, key) = (subject?, key?);
         let key_pem = self.secret(key, place, "private_key")?;
-        let Ok(key_der) = PrivateKeyDer::from_pem_slice(key_pem.expose().as_bytes()) else {
-            self.problem(
-                Some(key.span()),
-                place,
-                "private_key holds no PEM private key (\"-----BEGIN PRIVATE KEY-----\", RSA or EC)",
-            );
-            return None;
-        };
+        let key_der = self.private_key_der(&key_pem, key, place)?;
         // The certificate is optional: where it is given, its thumbprints identify the key.
         let cert_chain = match &c.certificate {
             None => Vec::new(),
             Some(cert) => {
                 let pem = self.secret(cert, place, "certificate")?;
-                let chain: Vec<_> = CertificateDer::pem_slice_iter(pem.expose().as_bytes())
-                    .filter_map(Result::ok)
-                    .collect();
-                if chain.is_empty() {
-                    self.problem(
-                        Some(cert.span()),
-                        place,
-                        "certificate holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")",
-                    );
-                    return None;
-                }
-                chain
+                self.certificates(&pem, cert, place)?
             }
         };
         let identity = ClientIdentity {
