@@ -79,6 +79,26 @@ async fn at_once(
     answers
 }
 
+/// How many of `answers` are 200s, and those the proxy refused with `code`.
+fn admitted_and_refused<'a>(
+    answers: &'a [common::Answer],
+    code: &str,
+) -> (usize, Vec<&'a common::Answer>) {
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    let refused = answers
+        .iter()
+        .filter(|a| a.proxy_error().as_deref() == Some(code))
+        .collect();
+    (ok, refused)
+}
+
+/// Exactly `ok` of `answers` admitted and `limited` refused 429 `connector_rate_limited`.
+fn assert_admitted(answers: &[common::Answer], ok: usize, limited: usize) {
+    let (admitted, refused) = admitted_and_refused(answers, "connector_rate_limited");
+    assert_eq!((admitted, refused.len()), (ok, limited), "{answers:?}");
+    assert!(refused.iter().all(|a| a.status == 429), "{answers:?}");
+}
+
 async fn limited(proxy: &Proxy, connector: &str, reason: &str) -> Option<f64> {
     let samples = metrics::fetch(proxy.admin).await;
     metric(
@@ -106,11 +126,7 @@ async fn max_concurrent_turns_away_exactly_the_requests_beyond_it() {
     // Ten slow requests at once: four hold the slots for three seconds, six are turned away
     // at once (and the six answers come back while the four still wait).
     let answers = at_once(&proxy, "narrow", "/slow/3000", 10).await;
-    let ok = answers.iter().filter(|a| a.status == 200).count();
-    let busy: Vec<_> = answers
-        .iter()
-        .filter(|a| a.proxy_error().as_deref() == Some("connector_busy"))
-        .collect();
+    let (ok, busy) = admitted_and_refused(&answers, "connector_busy");
     assert_eq!((ok, busy.len()), (4, 6), "{answers:?}");
     for answer in &busy {
         assert_eq!(answer.status, 503);
@@ -142,11 +158,7 @@ async fn a_rate_limit_admits_its_burst_and_answers_the_rest_429_with_retry_after
         .concat(),
     );
     let answers = at_once(&proxy, "hourly", "/x", 20).await;
-    let ok = answers.iter().filter(|a| a.status == 200).count();
-    let refused: Vec<_> = answers
-        .iter()
-        .filter(|a| a.proxy_error().as_deref() == Some("connector_rate_limited"))
-        .collect();
+    let (ok, refused) = admitted_and_refused(&answers, "connector_rate_limited");
     assert_eq!((ok, refused.len()), (5, 15), "{answers:?}");
     for answer in &refused {
         assert_eq!(answer.status, 429);
@@ -160,17 +172,7 @@ async fn a_rate_limit_admits_its_burst_and_answers_the_rest_429_with_retry_after
     assert_eq!(limited(&proxy, "hourly", "rate").await, Some(15.0));
     // Without burst, the burst is the rate's count.
     let answers = at_once(&proxy, "default_burst", "/x", 4).await;
-    let statuses: Vec<u16> = answers.iter().map(|a| a.status.as_u16()).collect();
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        2,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 429).count(),
-        2,
-        "{statuses:?}"
-    );
+    assert_admitted(&answers, 2, 2);
 }
 
 #[tokio::test]
@@ -221,22 +223,11 @@ async fn two_replicas_share_one_rate_through_redis_and_split_it_without() {
         );
     }
     // Three to each: four admitted in all, whichever replica got them.
-    let mut statuses = Vec::new();
+    let mut answers = Vec::new();
     for proxy in &replicas {
-        for answer in at_once(proxy, "shared", "/x", 3).await {
-            statuses.push(answer.status.as_u16());
-        }
+        answers.extend(at_once(proxy, "shared", "/x", 3).await);
     }
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        4,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 429).count(),
-        2,
-        "{statuses:?}"
-    );
+    assert_admitted(&answers, 4, 2);
     // What Redis holds is a time and who is present: no credential.
     for value in redis.values("connector-proxy:rate:*") {
         let text = String::from_utf8_lossy(&value);
@@ -258,17 +249,7 @@ async fn two_replicas_share_one_rate_through_redis_and_split_it_without() {
     redis.kill();
     for proxy in &replicas {
         let answers = at_once(proxy, "shared", "/x", 3).await;
-        let statuses: Vec<u16> = answers.iter().map(|a| a.status.as_u16()).collect();
-        assert_eq!(
-            statuses.iter().filter(|s| **s == 200).count(),
-            2,
-            "{statuses:?}"
-        );
-        assert_eq!(
-            statuses.iter().filter(|s| **s == 429).count(),
-            1,
-            "{statuses:?}"
-        );
+        assert_admitted(&answers, 2, 1);
     }
     assert_eq!(world.crm.seen().len(), 8);
 }
