@@ -15,12 +15,15 @@ use http::{Method, Request};
 use http_body_util::{Either, Full};
 
 use crate::cluster::Cluster;
-use crate::config::{ClusterSettings, Config, OAuthSettings, ServerSettings, UpstreamSettings};
+use crate::config::{
+    ClusterSettings, Config, OAuthSettings, ServerSettings, TelemetrySettings, UpstreamSettings,
+};
 use crate::credentials::Credentials;
 use crate::forward::{self, Upstream};
 use crate::metrics::{Metrics, ReloadLabels};
 use crate::proxy::{Proxy, Routes};
 use crate::registry::{Connector, Registry, RegistryError, Validation};
+use crate::telemetry::trace::Tracer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -51,6 +54,7 @@ struct Loaded {
     oauth: OAuthSettings,
     server: ServerSettings,
     cluster: Option<ClusterSettings>,
+    telemetry: Option<TelemetrySettings>,
     /// The configuration file and the files it names.
     files: Vec<PathBuf>,
     at: SystemTime,
@@ -71,8 +75,22 @@ impl App {
             None => None,
         };
         let routes = build_routes(config, None, &metrics, cluster.as_ref())?;
+        let tracer = match &config.telemetry {
+            Some(settings) => {
+                // An https:// collector is verified as upstreams are; the exporter speaks
+                // HTTP/1.1 only.
+                let mut tls = (*forward::tls_config(&config.upstream, None)?).clone();
+                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Some(Tracer::start(
+                    settings,
+                    Arc::new(tls),
+                    metrics.spans.clone(),
+                ))
+            }
+            None => None,
+        };
         let app = Arc::new(Self {
-            proxy: Proxy::new(config, routes, metrics.clone()),
+            proxy: Proxy::new(config, routes, metrics.clone(), tracer),
             metrics,
             config_path: config.path.clone(),
             ready: AtomicBool::new(false),
@@ -150,17 +168,19 @@ impl App {
             let same = loaded.upstream == config.upstream && loaded.oauth == config.oauth;
             (same, restart_only_changes(&loaded.server, &config.server))
         };
-        let (replay_memory_changed, cluster_changed) = {
+        let (replay_memory_changed, cluster_changed, telemetry_changed) = {
             let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
             (
                 loaded.upstream.replay_memory != config.upstream.replay_memory,
                 loaded.cluster != config.cluster,
+                loaded.telemetry != config.telemetry,
             )
         };
         let restart_only = restart_only
             .into_iter()
             .chain(replay_memory_changed.then_some("upstream.replay_memory"))
-            .chain(cluster_changed.then_some("cluster"));
+            .chain(cluster_changed.then_some("cluster"))
+            .chain(telemetry_changed.then_some("telemetry"));
         for key in restart_only {
             tracing::warn!(
                 key,
@@ -270,6 +290,7 @@ impl Loaded {
             oauth: config.oauth.clone(),
             server: config.server.clone(),
             cluster: config.cluster.clone(),
+            telemetry: config.telemetry.clone(),
             files: std::iter::once(config.path.clone())
                 .chain(config.files.iter().cloned())
                 .collect(),

@@ -29,6 +29,8 @@ pub struct Config {
     pub oauth: OAuthSettings,
     /// `[cluster]`, when replicas share their tokens through Redis.
     pub cluster: Option<ClusterSettings>,
+    /// `[telemetry]` with an `otlp_endpoint`: traces exported over OTLP/HTTP.
+    pub telemetry: Option<TelemetrySettings>,
     pub orgs: BTreeMap<String, OrgConfig>,
     /// The files it was read from besides itself (`{ file = .. }` secrets, `extra_ca_file`),
     /// which `server.reload_on_change` watches with it.
@@ -44,6 +46,18 @@ pub struct ClusterSettings {
     pub encryption_key: EncryptionKey,
     pub lock_ttl: Duration,
     pub redis_timeout: Duration,
+}
+
+/// Where and how traces go (`[telemetry]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySettings {
+    /// The URL spans are POSTed to: `otlp_endpoint` with `/v1/traces` appended, as the OTLP
+    /// exporters read `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub traces_url: Uri,
+    /// The share of new traces recorded, 0.0 to 1.0; a caller's `traceparent` decides for its
+    /// own trace.
+    pub sampling_ratio: f64,
+    pub service_name: String,
 }
 
 /// 32 bytes that never reach a log or `Debug`.

@@ -236,6 +236,23 @@ pub struct Metrics {
     upstream_tls_handshakes: Family<HandshakeLabels, Counter>,
     /// Read from the log writer at scrape time ([`Metrics::count_dropped_log_lines`]).
     log_lines_dropped: Counter,
+    /// Counted by the trace exporter (`[telemetry]`).
+    pub spans: SpanCounters,
+}
+
+/// The counters the trace exporter keeps (`connector_proxy_spans_*`).
+#[derive(Clone, Default)]
+pub struct SpanCounters {
+    pub exported: Counter,
+    pub dropped_queue_full: Counter,
+    pub dropped_export_failed: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DroppedSpanLabels {
+    /// `queue_full` (the exporter was behind) or `export_failed` (the collector did not take
+    /// them).
+    reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -358,6 +375,25 @@ impl Metrics {
             "Log lines dropped because the log queue was full (stdout slower than the requests)",
             log_lines_dropped.clone(),
         );
+        let spans_exported = Counter::default();
+        registry.register(
+            "spans_exported",
+            "Trace spans the OTLP collector accepted ([telemetry])",
+            spans_exported.clone(),
+        );
+        let spans_dropped = Family::<DroppedSpanLabels, Counter>::default();
+        // Both reasons from the start, at zero; the exporter holds the two series.
+        let dropped = |reason| spans_dropped.get_or_create_owned(&DroppedSpanLabels { reason });
+        let spans = SpanCounters {
+            exported: spans_exported,
+            dropped_queue_full: dropped("queue_full"),
+            dropped_export_failed: dropped("export_failed"),
+        };
+        registry.register(
+            "spans_dropped",
+            "Trace spans dropped: queue_full (the exporter was behind) or export_failed (the collector did not take them)",
+            spans_dropped,
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -383,6 +419,7 @@ impl Metrics {
             cluster_operations,
             upstream_tls_handshakes,
             log_lines_dropped,
+            spans,
         }
     }
 

@@ -29,6 +29,7 @@ use crate::forward::{ReceivedBody, Upstream};
 use crate::metrics::{Code, ConnectorLabels, LimitedLabels, Metrics, RequestLabels};
 use crate::registry::{Connector, Org, Registry};
 use crate::secret;
+use crate::telemetry::trace::{self, Finish, RequestSpan, TRACEPARENT, Tracer};
 use body::{InflightGuard, ResponseBody};
 use headers::{Header, request_id, rewrite_response_headers, single_header, text};
 pub use headers::{X_REQUEST_ID, rewrite_request_headers, strip_hop_by_hop};
@@ -50,6 +51,8 @@ pub struct Proxy {
     /// Process-wide, like `limit`: `upstream.replay_memory` takes effect at the next start.
     replay: ReplayBudget,
     metrics: Arc<Metrics>,
+    /// With `[telemetry]` (for the process's life, like `[cluster]`).
+    tracer: Option<Arc<Tracer>>,
 }
 
 /// What the request named and what became of it, for the error body, the log line and metrics.
@@ -66,6 +69,8 @@ struct Trace {
     upstream_ms: Option<f64>,
     /// One of the connector's `max_concurrent` slots, held until the response body ends.
     slot: Option<OwnedSemaphorePermit>,
+    /// With `[telemetry]`: the request's span and the children it has so far.
+    span: Option<RequestSpan>,
 }
 
 /// An org as named by the request, or the only one, used when the request names none.
@@ -86,6 +91,30 @@ impl Trace {
     fn connector(&self) -> Option<Cow<'_, str>> {
         self.connector.as_ref().map(text)
     }
+
+    /// The connector's credentials; a token fetch the request waited for (or that failed)
+    /// becomes a child span.
+    async fn authorization(
+        &mut self,
+        credentials: &Credentials,
+    ) -> Result<(HeaderValue, Option<crate::credentials::oauth::Lookup>), ProxyError> {
+        let started = self
+            .span
+            .as_ref()
+            .filter(|s| s.sampled())
+            .map(|_| trace::now());
+        let result = credentials.authorization().await.map_err(ProxyError::from);
+        if let (Some(span), Some(started)) = (&mut self.span, started) {
+            match &result {
+                Ok((_, Some(crate::credentials::oauth::Lookup::Miss))) => {
+                    span.token_fetch(started, None)
+                }
+                Ok(_) => {}
+                Err(e) => span.token_fetch(started, Some(e.code())),
+            }
+        }
+        result
+    }
 }
 
 impl Routes {
@@ -100,7 +129,12 @@ impl Routes {
 }
 
 impl Proxy {
-    pub fn new(config: &Config, routes: Routes, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: &Config,
+        routes: Routes,
+        metrics: Arc<Metrics>,
+        tracer: Option<Arc<Tracer>>,
+    ) -> Self {
         Self {
             routes: ArcSwap::from_pointee(routes),
             limit: Arc::new(Semaphore::new(config.server.max_concurrent_requests)),
@@ -109,6 +143,14 @@ impl Proxy {
                 config.upstream.replay_memory,
             ),
             metrics,
+            tracer,
+        }
+    }
+
+    /// At shutdown: exports the spans still queued, waiting `within` at the most.
+    pub async fn flush_traces(&self, within: std::time::Duration) {
+        if let Some(tracer) = &self.tracer {
+            tracer.flush(within).await;
         }
     }
 
@@ -129,7 +171,10 @@ impl Proxy {
         let id = request_id.to_str().unwrap_or_default();
         let method = request.method().clone();
         let routes = self.routes.load_full();
-        let mut trace = Trace::default();
+        let mut trace = Trace {
+            span: self.tracer.as_ref().map(|t| t.begin(request.headers())),
+            ..Trace::default()
+        };
         // CONNECT first, before the limit: whatever the load, it is never served.
         // The permit travels with the response body, so a long download counts until it ends.
         let permit = if method == Method::CONNECT {
@@ -196,6 +241,18 @@ impl Proxy {
         self.metrics
             .request_duration
             .with(&labels, |h| h.observe(seconds));
+        if let (Some(tracer), Some(span)) = (&self.tracer, trace.span.take()) {
+            let (org, connector) = (trace.org(), trace.connector());
+            let end = Finish {
+                status,
+                error: code,
+                org: org.as_deref(),
+                connector: connector.as_deref(),
+                request_id: id,
+                token: trace.token,
+            };
+            tracer.finish(span, &method, end);
+        }
         tracing::info!(
             target: crate::telemetry::access::TARGET,
             request_id = %id,
@@ -272,13 +329,18 @@ impl Routes {
         // limited request fetches no token).
         trace.slot = connector.limits.enter()?;
         connector.limits.spend().await?;
-        let (authorization, lookup) = connector.credentials.authorization().await?;
+        let (authorization, lookup) = trace.authorization(&connector.credentials).await?;
         trace.token = lookup.map(|l| l.as_str());
 
         let (mut parts, body) = request.into_parts();
         rewrite_request_headers(&mut parts.headers, &self.connector_header, &self.org_header);
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
         parts.uri = target.uri;
+        if let Some(span) = &mut trace.span {
+            // Before the credential: an API key may go in the query, which a span never holds.
+            span.target(&parts.method, &parts.uri);
+            parts.headers.insert(TRACEPARENT, span.traceparent());
+        }
         // The credential before anything is copied: a copy then has room for it.
         let placement = connector.credentials.placement();
         placement.apply(&mut parts.uri, &mut parts.headers, &authorization);
@@ -298,36 +360,81 @@ impl Routes {
             Credentials::Basic(_) | Credentials::ApiKey { .. } => Kept::Streamed(body),
         };
         let upstream_started = Instant::now();
-        let mut response = match kept {
+        let span_started = trace
+            .span
+            .as_ref()
+            .filter(|s| s.sampled())
+            .map(|_| trace::now());
+        let exchange = Exchange {
+            connector,
+            authorization,
+            placement,
+            deadline,
+            timeout,
+        };
+        let sent = exchange.run(parts, kept, trace).await;
+        if let (Some(span), Some(started)) = (&mut trace.span, span_started) {
+            span.upstream(
+                started,
+                sent.as_ref()
+                    .map(|r| r.status().as_u16())
+                    .map_err(ProxyError::code),
+            );
+        }
+        let mut response = sent?;
+        trace.upstream_ms = Some(upstream_started.elapsed().as_secs_f64() * 1000.0);
+        rewrite_response_headers(response.headers_mut());
+        Ok(response)
+    }
+}
+
+/// The upstream call of a request whose credential is in place: sent once when its body
+/// streams, or again after a 401 with a renewed token when the body was kept.
+struct Exchange<'a> {
+    connector: &'a Connector,
+    authorization: HeaderValue,
+    placement: &'a crate::credentials::Placement,
+    deadline: tokio::time::Instant,
+    timeout: std::time::Duration,
+}
+
+impl Exchange<'_> {
+    async fn run(
+        &self,
+        mut parts: http::request::Parts,
+        kept: Kept,
+        trace: &mut Trace,
+    ) -> Result<Response<ReceivedBody>, ProxyError> {
+        let connector = self.connector;
+        let upstream = &connector.upstream;
+        Ok(match kept {
             Kept::Streamed(body) => {
                 // Sent once: the request's own parts go upstream, nothing is copied.
-                let body = Either::Left(IdleTimeout::new(body, timeout));
+                let body = Either::Left(IdleTimeout::new(body, self.timeout));
                 let request = Request::from_parts(parts, body);
-                let response = upstream.send(request, deadline).await?;
+                let response = upstream.send(request, self.deadline).await?;
                 if response.status() == StatusCode::UNAUTHORIZED {
                     // Not replayed (the body went): still renew the token for the next caller.
-                    connector.credentials.reject(&authorization);
+                    connector.credentials.reject(&self.authorization);
                 }
                 response
             }
             Kept::Whole { body, _memory } => {
-                let first = send(upstream, &parts, body.clone(), deadline).await?;
+                let first = send(upstream, &parts, body.clone(), self.deadline).await?;
                 if first.status() == StatusCode::UNAUTHORIZED
-                    && connector.credentials.reject(&authorization)
+                    && connector.credentials.reject(&self.authorization)
                 {
                     drop(first);
-                    let (renewed, _) = connector.credentials.authorization().await?;
+                    let (renewed, _) = trace.authorization(&connector.credentials).await?;
                     trace.token = Some("replayed");
-                    placement.apply(&mut parts.uri, &mut parts.headers, &renewed);
-                    send(upstream, &parts, body, deadline).await?
+                    self.placement
+                        .apply(&mut parts.uri, &mut parts.headers, &renewed);
+                    send(upstream, &parts, body, self.deadline).await?
                 } else {
                     first
                 }
             }
-        };
-        trace.upstream_ms = Some(upstream_started.elapsed().as_secs_f64() * 1000.0);
-        rewrite_response_headers(response.headers_mut());
-        Ok(response)
+        })
     }
 }
 

@@ -170,6 +170,8 @@ impl Server {
                 tracing::warn!("shutdown grace period over; closing remaining connections");
             }
         }
+        // The last requests' spans, before the process ends.
+        self.app.proxy.flush_traces(Duration::from_secs(5)).await;
     }
 }
 

@@ -22,6 +22,8 @@ use tracing_subscriber::fmt::format::{Format, JsonFields};
 use access::{Lines, Utc};
 
 pub mod access;
+pub mod otlp;
+pub mod trace;
 
 /// Bytes waiting to be written at the most: past this, lines are dropped.
 const PENDING_LIMIT: usize = 1 << 20;

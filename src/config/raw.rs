@@ -52,7 +52,27 @@ pub struct RawConfig {
     pub upstream: RawUpstream,
     pub oauth: RawOAuth,
     pub cluster: Option<Spanned<RawCluster>>,
+    pub telemetry: RawTelemetry,
     pub orgs: BTreeMap<String, Spanned<RawOrg>>,
+}
+
+/// `[telemetry]`: OpenTelemetry traces, off without `otlp_endpoint`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: Option<Spanned<String>>,
+    pub sampling_ratio: Spanned<f64>,
+    pub service_name: Spanned<String>,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sampling_ratio: Spanned::new(0..0, 1.0),
+            service_name: Spanned::new(0..0, "connector-proxy".into()),
+        }
+    }
 }
 
 /// `[cluster]`: tokens shared by replicas through Redis.

@@ -111,6 +111,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
         min_token_age: raw.oauth.min_token_age.0,
     };
     let cluster = raw.cluster.as_ref().and_then(|c| v.cluster(c));
+    let telemetry = v.telemetry(&raw.telemetry);
     let mut orgs = BTreeMap::new();
     for (name, org) in &raw.orgs {
         if let Some(org) = v.org(name, org, &raw.server) {
@@ -127,6 +128,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, Vec<Problem>> 
             upstream,
             oauth,
             cluster,
+            telemetry,
             orgs,
             files: v.files,
         }),
@@ -217,7 +219,14 @@ impl Validator<'_> {
         let place = parents.iter().map(|p| key(p)).collect::<Vec<_>>().join(".");
         let parents: Vec<&str> = parents.iter().map(String::as_str).collect();
         let known: &[&str] = match parents.as_slice() {
-            [] => &["server", "upstream", "oauth", "cluster", "orgs"],
+            [] => &[
+                "server",
+                "upstream",
+                "oauth",
+                "cluster",
+                "telemetry",
+                "orgs",
+            ],
             ["server"] => &[
                 "listen",
                 "admin_listen",
@@ -257,6 +266,7 @@ impl Validator<'_> {
                 "lock_ttl",
                 "redis_timeout",
             ],
+            ["telemetry"] => &["otlp_endpoint", "sampling_ratio", "service_name"],
             ["orgs", _] => &["inbound_token", "connectors"],
             ["orgs", _, "connectors", ..] => raw::CONNECTOR_KEYS,
             _ => &[],
@@ -1187,5 +1197,6 @@ mod egress;
 mod jwt_bearer;
 mod limits;
 mod secret_jwt;
+mod telemetry;
 #[cfg(test)]
 mod tests;
