@@ -142,6 +142,12 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
             config.upstream.no_proxy.len()
         );
     }
+    if let Some(t) = &config.telemetry {
+        println!(
+            "traces to {} (OTLP/HTTP), sampling_ratio {}, service_name {}",
+            t.traces_url, t.sampling_ratio, t.service_name
+        );
+    }
     for org in config.orgs.values() {
         let inbound = if org.inbound_token.is_some() {
             "inbound token set"

@@ -143,6 +143,7 @@ fn valid_configs_pass_and_list_connectors_without_secrets() {
         "\"maps\": api_key",
         "egress proxy http://proxy.corp.example:3128 (with credentials), 2 no_proxy entries",
         "resource_domain https://crm.example.com, egress_proxy none",
+        "traces to http://otel-collector:4318/v1/traces (OTLP/HTTP), sampling_ratio 0.1, service_name connector-proxy",
         "resource_domain https://billing.example.com/v2, max_concurrent 50, rate_limit 50/s, burst 100",
     ] {
         assert!(stdout.contains(line), "{line} not in\n{stdout}");
