@@ -2,7 +2,8 @@
 # Load comparison: connector-proxy against nginx and HAProxy doing the same job, against a bare
 # hyper-util forwarder (examples/bare_forwarder.rs: the stack's floor) and against a direct
 # call, all on loopback, in one run. Prints req/s, p50, p99, RSS and CPU per request, with
-# ratios; a second connector-proxy logs every request at info, for the access log's cost.
+# ratios; a second connector-proxy logs every request at info, for the access log's cost, and a
+# third exports a trace of every request (OTLP/HTTP to a collector stand-in), for traces' cost.
 #
 #   bash benches/load.sh                 # 10 s per run, 32 connections
 #   DURATION=5 CONNECTIONS=64 bash benches/load.sh
@@ -69,6 +70,7 @@ trap cleanup EXIT
 . benches/common.sh
 UP=$(free_port); NGX=$(free_port); CP=$(free_port); CPA=$(free_port); REDIS=$(free_port)
 HAP=$(free_port); BARE=$(free_port); CPL=$(free_port); CPLA=$(free_port)
+CPT=$(free_port); CPTA=$(free_port); OTEL=$(free_port)
 
 make_certs "$work"
 
@@ -108,6 +110,12 @@ http {
             default_type text/plain; return 200 "ok";
         }
         location / { default_type text/plain; return 200 "ok"; }
+    }
+    # The OTLP/HTTP collector stand-in for the traced proxy: takes each export and discards it.
+    server {
+        listen 127.0.0.1:$OTEL;
+        client_max_body_size 64m;
+        location = /v1/traces { return 200; }
     }
 }
 EOF
@@ -215,6 +223,13 @@ sed -e "s|127.0.0.1:$CP\"|127.0.0.1:$CPL\"|" -e "s|127.0.0.1:$CPA\"|127.0.0.1:$C
 taskset -c "$PROXY_CORE" env RUST_LOG=info $PROXY_ENV "$PROXY_BIN" --config "$work/connector-proxy-logged.toml" >"$work/cp-logged.log" 2>&1 &
 pids+=($!)
 CPL_PID=$!
+# The same proxy recording a trace of every request (sampling_ratio 1.0), exported to $OTEL.
+sed -e "s|127.0.0.1:$CP\"|127.0.0.1:$CPT\"|" -e "s|127.0.0.1:$CPA\"|127.0.0.1:$CPTA\"|" \
+    "$work/connector-proxy.toml" >"$work/connector-proxy-traced.toml"
+printf '\n[telemetry]\notlp_endpoint = "http://127.0.0.1:%s"\n' "$OTEL" >>"$work/connector-proxy-traced.toml"
+taskset -c "$PROXY_CORE" env RUST_LOG=warn $PROXY_ENV "$PROXY_BIN" --config "$work/connector-proxy-traced.toml" >"$work/cp-traced.log" 2>&1 &
+pids+=($!)
+CPT_PID=$!
 taskset -c "$PROXY_CORE" haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
 pids+=($!)
 HAP_PID=$!
@@ -223,7 +238,7 @@ pids+=($!)
 BARE_PID=$!
 # Polls URL until it answers (10 s at the most).
 wait_http() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; }
-for url in "http://127.0.0.1:$CPA/readyz" "http://127.0.0.1:$CPLA/readyz" "http://127.0.0.1:$HAP/" "http://127.0.0.1:$BARE/"; do
+for url in "http://127.0.0.1:$CPA/readyz" "http://127.0.0.1:$CPLA/readyz" "http://127.0.0.1:$CPTA/readyz" "http://127.0.0.1:$HAP/" "http://127.0.0.1:$BARE/"; do
     wait_http "$url"
 done
 
@@ -296,6 +311,13 @@ steady_rows() {
     read -r lrps _ _ lcpu _ <<<"$logged"; read -r brps _ _ bcpu _ <<<"$basic"
     awk -v l="$lrps" -v b="$brps" -v lc="$lcpu" -v bc="$bcpu" -v d="$(wc -l <"$work/cp-logged.log")" -v x="$(curl -s "http://127.0.0.1:$CPLA/metrics" | awk '/^connector_proxy_log_lines_dropped_total/ {print $2}')" \
         'BEGIN {printf "access log at info: %.2fx the throughput of RUST_LOG=warn, %s against %s CPU us/req; %d lines written, %s dropped\n", l/b, lc, bc, d, x}'
+    row "connector-proxy (Basic, traces on)" "$traced" "$cpt_rss"
+    row "connector-proxy (OAuth, traces on)" "$traced_oauth" "$cpt_rss"
+    read -r trps _ _ tcpu _ <<<"$traced"; read -r orps _ _ ocpu _ <<<"$oauth"; read -r torps _ _ tocpu _ <<<"$traced_oauth"
+    local spans
+    spans=$(curl -s "http://127.0.0.1:$CPTA/metrics" | awk '/^connector_proxy_spans_(exported|dropped)_total/ {printf "%s %s; ", $1, $2}')
+    awk -v t="$trps" -v b="$brps" -v tc="$tcpu" -v bc="$bcpu" -v to="$torps" -v o="$orps" -v toc="$tocpu" -v oc="$ocpu" -v s="$spans" \
+        'BEGIN {printf "traces on (every request sampled): Basic %.2fx the throughput of traces off, %s against %s CPU us/req; OAuth %.2fx, %s against %s; %s\n", t/b, tc, bc, to/o, toc, oc, s}'
 }
 table_head() {
     echo
@@ -447,6 +469,9 @@ oauth=$(WATCH=$CP_PID run oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "htt
 cp_rss=$(rss "$CP_PID")
 logged=$(WATCH=$CPL_PID run logged "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CPL/")
 cpl_rss=$(rss "$CPL_PID")
+traced=$(WATCH=$CPT_PID run traced "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CPT/")
+traced_oauth=$(WATCH=$CPT_PID run traced-oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CPT/")
+cpt_rss=$(rss "$CPT_PID")
 if [ "$MODE" = quick ]; then   # the 32-connection rows only, for A/B runs of two builds
     table_head
     steady_rows
