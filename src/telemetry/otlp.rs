@@ -5,6 +5,9 @@
 //! them). The tests decode what this writes with `opentelemetry-proto`'s types, so the field
 //! numbers are checked against the published schema, not against this file.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 /// OTLP's `Span.SpanKind`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpanKind {
@@ -15,8 +18,9 @@ pub enum SpanKind {
 /// An attribute's value (`AnyValue`): the kinds the proxy records.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
-    Str(String),
-    Static(&'static str),
+    Text(Cow<'static, str>),
+    /// A string several spans share (the target host).
+    Shared(Arc<str>),
     Int(i64),
 }
 
@@ -29,7 +33,7 @@ pub struct SpanData {
     pub parent_span_id: [u8; 8],
     /// Bits 0-7 the W3C trace flags; bits 8 and 9 whether the parent is remote.
     pub flags: u32,
-    pub name: String,
+    pub name: Cow<'static, str>,
     pub kind: SpanKind,
     pub start_unix_nanos: u64,
     pub end_unix_nanos: u64,
@@ -44,7 +48,10 @@ const STATUS_ERROR: u64 = 2;
 /// One `ExportTraceServiceRequest`: one resource (`service.name`, `service.version`), one
 /// instrumentation scope, the spans.
 pub fn encode(service_name: &str, spans: &[SpanData]) -> Vec<u8> {
-    let mut out = Writer::default();
+    // About what a span takes, so that the buffer rarely grows.
+    let mut out = Writer {
+        buf: Vec::with_capacity(256 + spans.len() * 512),
+    };
     // ExportTraceServiceRequest.resource_spans = 1
     out.message(1, |rs| {
         // ResourceSpans.resource = 1
@@ -54,13 +61,13 @@ pub fn encode(service_name: &str, spans: &[SpanData]) -> Vec<u8> {
                 resource,
                 1,
                 "service.name",
-                &Value::Str(service_name.to_owned()),
+                &Value::Text(Cow::Owned(service_name.to_owned())),
             );
             key_value(
                 resource,
                 1,
                 "service.version",
-                &Value::Static(env!("CARGO_PKG_VERSION")),
+                &Value::Text(Cow::Borrowed(env!("CARGO_PKG_VERSION"))),
             );
         });
         // ResourceSpans.scope_spans = 2
@@ -105,8 +112,8 @@ fn key_value(w: &mut Writer, field: u32, key: &str, value: &Value) {
         kv.bytes(1, key.as_bytes());
         kv.message(2, |any| match value {
             // AnyValue.string_value = 1, int_value = 3
-            Value::Str(s) => any.bytes(1, s.as_bytes()),
-            Value::Static(s) => any.bytes(1, s.as_bytes()),
+            Value::Text(s) => any.bytes(1, s.as_bytes()),
+            Value::Shared(s) => any.bytes(1, s.as_bytes()),
             // int64 is written as the two's complement varint.
             Value::Int(i) => any.varint_field(3, *i as u64),
         });
@@ -120,12 +127,9 @@ struct Writer {
 }
 
 impl Writer {
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.buf.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.buf.push(v as u8);
+    fn varint(&mut self, v: u64) {
+        let (bytes, n) = varint(v);
+        self.buf.extend_from_slice(&bytes[..n]);
     }
 
     /// The field's number and wire type.
@@ -155,12 +159,28 @@ impl Writer {
         self.buf.extend_from_slice(v);
     }
 
-    /// An embedded message, written by `f` and then prefixed with its length.
+    /// An embedded message, written by `f` in place and then prefixed with its length (the
+    /// bytes move once per level of nesting; nothing is allocated).
     fn message(&mut self, field: u32, f: impl FnOnce(&mut Writer)) {
-        let mut inner = Writer::default();
-        f(&mut inner);
-        self.bytes(field, &inner.buf);
+        self.tag(field, 2);
+        let start = self.buf.len();
+        f(self);
+        let (prefix, n) = varint((self.buf.len() - start) as u64);
+        self.buf.splice(start..start, prefix[..n].iter().copied());
     }
+}
+
+/// `v` in protobuf's varint: seven bits a byte, least significant first; the bytes and how many.
+fn varint(mut v: u64) -> ([u8; 10], usize) {
+    let mut bytes = [0u8; 10];
+    let mut n = 0;
+    while v >= 0x80 {
+        bytes[n] = (v as u8) | 0x80;
+        v >>= 7;
+        n += 1;
+    }
+    bytes[n] = v as u8;
+    (bytes, n + 1)
 }
 
 #[cfg(test)]

@@ -1,12 +1,15 @@
 //! Traces: a span per request, with child spans for a token fetch and the upstream call,
 //! exported over OTLP/HTTP in batches, off the request path.
 //!
-//! A request's spans are plain data ([`SpanData`]) handed to one exporter task through a
-//! bounded queue: the request never waits for the collector. The task gathers what arrives
-//! for up to [`LINGER`] (or [`MAX_BATCH`] spans), encodes it ([`super::otlp`]) and POSTs it
-//! on one kept-alive connection. A full queue or a failed export drops spans, counted in
-//! `connector_proxy_spans_dropped_total`; there is no retry, as a trace is worth less than the
-//! memory and the collector load a backlog would take.
+//! A request's spans are plain data ([`SpanData`]) appended to a shared, bounded buffer: a
+//! lock and a move, no wake-up, so the request never waits for the collector. The exporter
+//! task is woken by the first spans after it went idle (and again when a batch is full), lets
+//! more gather for up to [`LINGER`], encodes them ([`super::otlp`]) and POSTs them on one
+//! kept-alive connection, [`MAX_BATCH`] spans at a time. A full buffer or a failed export
+//! drops spans, counted in `connector_proxy_spans_dropped_total`; there is no retry, as a
+//! trace is worth less than the memory and the collector load a backlog would take. (The log
+//! writer in `telemetry.rs` batches the same way, for the same reason: a channel woke its
+//! reader once per request.)
 //!
 //! Context is W3C Trace Context: a caller's valid `traceparent` makes the request's span its
 //! child and decides whether it is sampled; otherwise a new trace is sampled at
@@ -14,7 +17,9 @@
 //! gets a `traceparent` naming the upstream call's span, sampled or not, so that its own
 //! spans (or its decision not to record) follow the proxy's.
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -24,7 +29,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::otlp::{self, SpanData, SpanKind, Value};
 use crate::config::TelemetrySettings;
@@ -33,8 +38,8 @@ use crate::metrics::SpanCounters;
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// Requests whose spans may wait for the exporter; past it they are dropped.
-const QUEUE: usize = 2048;
+/// Spans that may wait for the exporter; past it they are dropped.
+const PENDING_LIMIT: usize = 16 * 1024;
 /// Spans in one export at the most.
 const MAX_BATCH: usize = 512;
 /// How long the exporter lets spans gather after the first of a batch.
@@ -44,19 +49,34 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A failed export is logged at most this often; the metric counts every one.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-enum Message {
-    Spans(Vec<SpanData>),
-    /// Export what is pending now, then answer.
-    Flush(oneshot::Sender<()>),
+/// Spans waiting for the exporter, shared by the requests and the exporter task.
+struct Queue {
+    pending: Mutex<Pending>,
+    /// The first spans after the exporter went idle, or a full batch.
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    spans: Vec<SpanData>,
+    /// The exporter waits on `wake` for the next spans.
+    idle: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Starts request spans and hands finished ones to the exporter.
 pub struct Tracer {
-    queue: mpsc::Sender<Message>,
+    queue: Arc<Queue>,
+    /// Asks the exporter to send what is pending now, and answers once it did.
+    flushes: mpsc::Sender<oneshot::Sender<()>>,
     /// New traces are sampled when the random half of their id is below this.
     threshold: u64,
     every: bool,
-    random: SystemRandom,
     counters: SpanCounters,
 }
 
@@ -78,7 +98,7 @@ pub struct RequestSpan {
     start: u64,
     method: Method,
     /// The target's host and port, once the target rule let it through.
-    target: Option<(String, u16)>,
+    target: Option<(Arc<str>, u16)>,
     children: Vec<SpanData>,
 }
 
@@ -109,7 +129,11 @@ impl Tracer {
         tls: Arc<rustls::ClientConfig>,
         counters: SpanCounters,
     ) -> Arc<Self> {
-        let (queue, receiver) = mpsc::channel(QUEUE);
+        let queue = Arc::new(Queue {
+            pending: Mutex::new(Pending::default()),
+            wake: Notify::new(),
+        });
+        let (flushes, flush_requests) = mpsc::channel(8);
         let exporter = Exporter {
             url: settings.traces_url.clone(),
             service_name: settings.service_name.clone(),
@@ -118,26 +142,22 @@ impl Tracer {
             counters: counters.clone(),
             last_warning: None,
         };
-        tokio::spawn(exporter.run(receiver));
+        tokio::spawn(exporter.run(queue.clone(), flush_requests));
         let ratio = settings.sampling_ratio.clamp(0.0, 1.0);
         Arc::new(Self {
             queue,
+            flushes,
             // `as` saturates: a ratio of 1.0 gives u64::MAX, which `every` covers exactly.
             threshold: (ratio * 2f64.powi(64)) as u64,
             every: ratio >= 1.0,
-            random: SystemRandom::new(),
             counters,
         })
     }
 
     /// The span of a request with these headers.
     pub fn begin(&self, headers: &HeaderMap) -> RequestSpan {
-        let mut ids = [0u8; 32];
-        // getrandom does not fail on Linux once the pool is initialised; zeros would only
-        // make a trace id invalid, never a request fail.
-        let _ = self.random.fill(&mut ids);
-        let [trace_id, span_ids] = split(ids);
-        let (span_id, upstream_span_id) = halves(span_ids);
+        let trace_id = random_trace_id();
+        let (span_id, upstream_span_id) = (random_span_id(), random_span_id());
         let parent = single(headers).and_then(|v| parse_traceparent(v.as_bytes()));
         let (trace_id, remote_parent, sampled) = match parent {
             Some(p) => (p.trace_id, Some(p.span_id), p.flags & SAMPLED != 0),
@@ -152,7 +172,12 @@ impl Tracer {
             start: now(),
             method: Method::GET,
             target: None,
-            children: Vec::new(),
+            // The request's own span and its children: two or three.
+            children: if sampled {
+                Vec::with_capacity(3)
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -167,35 +192,33 @@ impl Tracer {
         if !span.sampled {
             return;
         }
-        let mut attributes = vec![
-            (
-                "http.request.method",
-                Value::Str(method.as_str().to_owned()),
-            ),
+        let mut attributes = Vec::with_capacity(10);
+        attributes.extend([
+            ("http.request.method", Value::Text(method_name(method))),
             ("http.response.status_code", Value::Int(end.status.into())),
             (
                 "connector_proxy.request_id",
-                Value::Str(end.request_id.to_owned()),
+                Value::Text(Cow::Owned(end.request_id.to_owned())),
             ),
-        ];
+        ]);
         let named = [
             ("connector_proxy.org", end.org),
             ("connector_proxy.connector", end.connector),
         ];
         for (key, value) in named {
             if let Some(value) = value {
-                attributes.push((key, Value::Str(value.to_owned())));
+                attributes.push((key, Value::Text(Cow::Owned(value.to_owned()))));
             }
         }
         if let Some((host, port)) = &span.target {
-            attributes.push(("server.address", Value::Str(host.clone())));
+            attributes.push(("server.address", Value::Shared(host.clone())));
             attributes.push(("server.port", Value::Int((*port).into())));
         }
         if let Some(token) = end.token {
-            attributes.push(("connector_proxy.token", Value::Static(token)));
+            attributes.push(("connector_proxy.token", Value::Text(Cow::Borrowed(token))));
         }
         if let Some(code) = end.error {
-            attributes.push(("error.type", Value::Static(code)));
+            attributes.push(("error.type", Value::Text(Cow::Borrowed(code))));
         }
         let root = SpanData {
             trace_id: span.trace_id,
@@ -207,7 +230,7 @@ impl Tracer {
                 } else {
                     0
                 },
-            name: method.as_str().to_owned(),
+            name: method_name(method),
             kind: SpanKind::Server,
             start_unix_nanos: span.start,
             end_unix_nanos: now(),
@@ -217,20 +240,26 @@ impl Tracer {
             error: end.status >= 500,
         };
         span.children.push(root);
-        if let Err(e) = self.queue.try_send(Message::Spans(span.children)) {
-            let lost = match e {
-                mpsc::error::TrySendError::Full(Message::Spans(s))
-                | mpsc::error::TrySendError::Closed(Message::Spans(s)) => s.len(),
-                _ => 0,
-            };
-            self.counters.dropped_queue_full.inc_by(lost as u64);
+        let n = span.children.len();
+        let mut pending = self.queue.lock();
+        if pending.spans.len() + n > PENDING_LIMIT {
+            drop(pending);
+            self.counters.dropped_queue_full.inc_by(n as u64);
+            return;
+        }
+        pending.spans.append(&mut span.children);
+        let full = pending.spans.len() >= MAX_BATCH && pending.spans.len() - n < MAX_BATCH;
+        let wake = std::mem::take(&mut pending.idle) || full;
+        drop(pending);
+        if wake {
+            self.queue.wake.notify_one();
         }
     }
 
     /// Exports what is queued, waiting `within` at the most: at shutdown.
     pub async fn flush(&self, within: Duration) {
         let (done, answered) = oneshot::channel();
-        let asked = self.queue.send(Message::Flush(done));
+        let asked = self.flushes.send(done);
         let _ = tokio::time::timeout(within, async {
             if asked.await.is_ok() {
                 let _ = answered.await;
@@ -261,7 +290,7 @@ impl RequestSpan {
             && let Some(host) = uri.host()
         {
             let port = uri.port_u16().unwrap_or(443);
-            self.target = Some((host.trim_matches(['[', ']']).to_owned(), port));
+            self.target = Some((Arc::from(host.trim_matches(['[', ']'])), port));
         }
     }
 
@@ -270,7 +299,7 @@ impl RequestSpan {
     pub fn token_fetch(&mut self, started: u64, error: Option<&'static str>) {
         let mut attributes = Vec::new();
         if let Some(code) = error {
-            attributes.push(("error.type", Value::Static(code)));
+            attributes.push(("error.type", Value::Text(Cow::Borrowed(code))));
         }
         self.child("oauth token", started, attributes, error.is_some());
     }
@@ -278,12 +307,13 @@ impl RequestSpan {
     /// The upstream call, from `started` to its response head: its status, or the proxy's
     /// error code.
     pub fn upstream(&mut self, started: u64, result: Result<u16, &'static str>) {
-        let mut attributes = vec![(
+        let mut attributes = Vec::with_capacity(5);
+        attributes.push((
             "http.request.method",
-            Value::Str(self.method.as_str().to_owned()),
-        )];
+            Value::Text(method_name(&self.method)),
+        ));
         if let Some((host, port)) = &self.target {
-            attributes.push(("server.address", Value::Str(host.clone())));
+            attributes.push(("server.address", Value::Shared(host.clone())));
             attributes.push(("server.port", Value::Int((*port).into())));
         }
         let error = match result {
@@ -293,12 +323,12 @@ impl RequestSpan {
                 status >= 400
             }
             Err(code) => {
-                attributes.push(("error.type", Value::Static(code)));
+                attributes.push(("error.type", Value::Text(Cow::Borrowed(code))));
                 true
             }
         };
         let span_id = self.upstream_span_id;
-        let name = self.method.as_str().to_owned();
+        let name = method_name(&self.method);
         self.push_child(span_id, name, started, attributes, error);
     }
 
@@ -309,20 +339,24 @@ impl RequestSpan {
 
     fn child(
         &mut self,
-        name: &str,
+        name: &'static str,
         started: u64,
         attributes: Vec<(&'static str, Value)>,
         error: bool,
     ) {
-        let mut span_id = [0u8; 8];
-        let _ = SystemRandom::new().fill(&mut span_id);
-        self.push_child(span_id, name.to_owned(), started, attributes, error);
+        self.push_child(
+            random_span_id(),
+            Cow::Borrowed(name),
+            started,
+            attributes,
+            error,
+        );
     }
 
     fn push_child(
         &mut self,
         span_id: [u8; 8],
-        name: String,
+        name: Cow<'static, str>,
         started: u64,
         attributes: Vec<(&'static str, Value)>,
         error: bool,
@@ -342,6 +376,25 @@ impl RequestSpan {
             attributes,
             error,
         });
+    }
+}
+
+/// The method's name, without a copy for the standard ones.
+fn method_name(method: &Method) -> Cow<'static, str> {
+    const STANDARD: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::TRACE, "TRACE"),
+        (Method::CONNECT, "CONNECT"),
+    ];
+    match STANDARD.iter().find(|(m, _)| m == method) {
+        Some((_, name)) => Cow::Borrowed(name),
+        None => Cow::Owned(method.as_str().to_owned()),
     }
 }
 
@@ -412,20 +465,49 @@ fn hex(bytes: &[u8], out: &mut [u8]) {
     }
 }
 
-fn split(ids: [u8; 32]) -> [[u8; 16]; 2] {
-    let mut a = [0u8; 16];
-    let mut b = [0u8; 16];
-    a.copy_from_slice(&ids[..16]);
-    b.copy_from_slice(&ids[16..]);
-    [a, b]
+thread_local! {
+    /// SplitMix64's state, seeded once per thread from the operating system. Trace and span ids
+    /// need to be unique and evenly spread (the sampler reads them), not secret: OpenTelemetry's
+    /// SDKs use a seeded generator too, and a `getrandom` system call per request cost more
+    /// than the rest of the span (BENCHMARKS).
+    static STATE: Cell<u64> = Cell::new({
+        let mut seed = [0u8; 8];
+        // Fails only where the OS has no randomness at all; the clock then still seeds.
+        if SystemRandom::new().fill(&mut seed).is_err() {
+            seed = now().to_le_bytes();
+        }
+        u64::from_le_bytes(seed)
+    });
 }
 
-fn halves(ids: [u8; 16]) -> ([u8; 8], [u8; 8]) {
-    let mut a = [0u8; 8];
-    let mut b = [0u8; 8];
-    a.copy_from_slice(&ids[..8]);
-    b.copy_from_slice(&ids[8..]);
-    (a, b)
+/// SplitMix64 (Steele, Lea and Flood, 2014): a 64-bit counter through a mixing function.
+fn next_random() -> u64 {
+    STATE.with(|state| {
+        let s = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+/// A span id, never all zeros (which W3C Trace Context reads as invalid).
+fn random_span_id() -> [u8; 8] {
+    loop {
+        let id = next_random();
+        if id != 0 {
+            return id.to_be_bytes();
+        }
+    }
+}
+
+fn random_trace_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&next_random().to_be_bytes());
+    // The second half is never zero, so neither is the id.
+    id[8..].copy_from_slice(&random_span_id());
+    id
 }
 
 /// The task that batches and POSTs spans.
@@ -439,37 +521,47 @@ struct Exporter {
 }
 
 impl Exporter {
-    async fn run(mut self, mut queue: mpsc::Receiver<Message>) {
-        let mut pending: Vec<SpanData> = Vec::new();
+    async fn run(
+        mut self,
+        queue: Arc<Queue>,
+        mut flush_requests: mpsc::Receiver<oneshot::Sender<()>>,
+    ) {
         let mut flushes = Vec::new();
+        let mut spare = Vec::new();
         loop {
-            // Wait for the first spans of a batch, then let more gather.
-            let Some(first) = queue.recv().await else {
-                break;
+            // Sleep until the first spans after idle, or a flush. Spans that came in while the
+            // last batch went out are not waited for: they notified nobody.
+            let waiting = {
+                let mut pending = queue.lock();
+                pending.idle = pending.spans.is_empty();
+                pending.idle
             };
-            take(first, &mut pending, &mut flushes);
-            let mut open = true;
-            let linger = tokio::time::sleep(LINGER);
-            tokio::pin!(linger);
-            while open && flushes.is_empty() && pending.len() < MAX_BATCH {
+            if waiting {
                 tokio::select! {
-                    message = queue.recv() => match message {
-                        Some(message) => take(message, &mut pending, &mut flushes),
-                        None => open = false,
+                    () = queue.wake.notified() => {}
+                    asked = flush_requests.recv() => match asked {
+                        Some(done) => flushes.push(done),
+                        None => return,
                     },
-                    () = &mut linger => break,
                 }
             }
-            while !pending.is_empty() {
-                let rest = pending.split_off(pending.len().min(MAX_BATCH));
-                let batch = std::mem::replace(&mut pending, rest);
-                self.export(&batch).await;
+            // Let more gather, unless a batch is full or a flush waits.
+            if flushes.is_empty() && queue.lock().spans.len() < MAX_BATCH {
+                tokio::select! {
+                    () = tokio::time::sleep(LINGER) => {}
+                    () = queue.wake.notified() => {}
+                    asked = flush_requests.recv() => flushes.extend(asked),
+                }
             }
+            // Everything pending, a batch at a time; spans arriving meanwhile are the next
+            // round's. The two buffers swap, so neither grows again from empty.
+            std::mem::swap(&mut queue.lock().spans, &mut spare);
+            for batch in spare.chunks(MAX_BATCH) {
+                self.export(batch).await;
+            }
+            spare.clear();
             for done in flushes.drain(..) {
                 let _ = done.send(());
-            }
-            if !open {
-                break;
             }
         }
     }
@@ -564,19 +656,76 @@ impl Exporter {
     }
 }
 
-/// Adds a message's spans to the batch, or its flush to those to answer after it.
-fn take(message: Message, pending: &mut Vec<SpanData>, flushes: &mut Vec<oneshot::Sender<()>>) {
-    match message {
-        Message::Spans(spans) => pending.extend(spans),
-        Message::Flush(done) => flushes.push(done),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const EXAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    /// A tracer whose exporter never runs while the test does not await.
+    fn tracer(ratio: f64) -> (Arc<Tracer>, SpanCounters) {
+        let settings = TelemetrySettings {
+            traces_url: "http://127.0.0.1:9/v1/traces".parse().unwrap(),
+            sampling_ratio: ratio,
+            service_name: "test".into(),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let counters = SpanCounters::default();
+        (
+            Tracer::start(&settings, Arc::new(tls), counters.clone()),
+            counters,
+        )
+    }
+
+    fn end() -> Finish<'static> {
+        Finish {
+            status: 200,
+            error: None,
+            org: None,
+            connector: None,
+            request_id: "r",
+            token: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn spans_past_the_limit_are_dropped_and_counted_not_waited_for() {
+        let (tracer, counters) = tracer(1.0);
+        // One span per request (no children); the exporter cannot run in between.
+        for _ in 0..PENDING_LIMIT + 7 {
+            let span = tracer.begin(&HeaderMap::new());
+            tracer.finish(span, &Method::GET, end());
+        }
+        assert_eq!(counters.dropped_queue_full.get(), 7);
+        assert_eq!(tracer.queue.lock().spans.len(), PENDING_LIMIT);
+    }
+
+    #[tokio::test]
+    async fn new_traces_are_sampled_at_the_ratio() {
+        let sampled = |ratio| {
+            let (tracer, _) = tracer(ratio);
+            (0..10_000)
+                .filter(|_| tracer.begin(&HeaderMap::new()).sampled())
+                .count()
+        };
+        assert_eq!(sampled(0.0), 0);
+        assert_eq!(sampled(1.0), 10_000);
+        // 5,000 expected; 500 off is more than ten standard deviations (50).
+        let half = sampled(0.5);
+        assert!((4_500..=5_500).contains(&half), "{half}");
+    }
+
+    #[test]
+    fn ids_are_never_zero_and_do_not_repeat() {
+        let ids: std::collections::HashSet<_> = (0..100_000).map(|_| random_trace_id()).collect();
+        assert_eq!(ids.len(), 100_000);
+        assert!(!ids.contains(&[0; 16]));
+    }
 
     #[test]
     fn the_w3c_example_parses_and_ids_round_trip() {

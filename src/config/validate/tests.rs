@@ -374,7 +374,10 @@ fn telemetry_endpoints_get_the_traces_path_and_defaults() {
     assert_eq!(on.service_name, "connector-proxy");
     for (endpoint, url) in [
         ("http://otel:4318/", "http://otel:4318/v1/traces"),
-        ("https://otel.example/base", "https://otel.example/base/v1/traces"),
+        (
+            "https://otel.example/base",
+            "https://otel.example/base/v1/traces",
+        ),
         ("http://otel:4318/v1/traces", "http://otel:4318/v1/traces"),
     ] {
         let section = format!(
@@ -395,20 +398,35 @@ fn telemetry_mistakes_are_named_and_credentials_never_repeated() {
         found[0].clone()
     };
     let found = one("[telemetry]\notlp_endpoint = \"http://otel:pa55w0rd@collector:4318\"\n");
-    assert!(found.contains(":2:17: telemetry: otlp_endpoint must not carry credentials"), "{found}");
+    assert!(
+        found.contains(":2:17: telemetry: otlp_endpoint must not carry credentials"),
+        "{found}"
+    );
     assert!(!found.contains("pa55w0rd"), "{found}");
     let found = one("[telemetry]\notlp_endpoint = \"grpc://collector:4317\"\n");
-    assert!(found.contains("must be an http:// or https:// URL"), "{found}");
+    assert!(
+        found.contains("must be an http:// or https:// URL"),
+        "{found}"
+    );
     let found = one("[telemetry]\notlp_endpoint = \"collector:4318\"\n");
-    assert!(found.contains("must be an http:// or https:// URL"), "{found}");
+    assert!(
+        found.contains("must be an http:// or https:// URL"),
+        "{found}"
+    );
     let found = one("[telemetry]\notlp_endpoint = \"http://c:4318/?x=1\"\n");
     assert!(found.contains("must not have a query"), "{found}");
     let found = one("[telemetry]\notlp_endpoint = \"http://c:4318\"\nsampling_ratio = 1.5\n");
-    assert!(found.contains(":3:18: telemetry: sampling_ratio must be between 0.0"), "{found}");
+    assert!(
+        found.contains(":3:18: telemetry: sampling_ratio must be between 0.0"),
+        "{found}"
+    );
     let found = one("[telemetry]\notlp_endpoint = \"http://c:4318\"\nservice_name = \" \"\n");
     assert!(found.contains("service_name must not be empty"), "{found}");
     let found = one("[telemetry]\nsampling_ratio = 0.5\n");
-    assert!(found.contains(":2:18: telemetry: sampling_ratio is set without otlp_endpoint"), "{found}");
+    assert!(
+        found.contains(":2:18: telemetry: sampling_ratio is set without otlp_endpoint"),
+        "{found}"
+    );
     let found = one("[telemetry]\notlp_endpoint = \"http://c:4318\"\nsamping_ratio = 0.5\n");
     assert!(found.contains("did you mean `sampling_ratio`?"), "{found}");
 }
