@@ -1,7 +1,8 @@
-//! `client_auth = "client_secret_jwt"` against authorization servers written by others, started
-//! on loopback: Authlib (PyPI, on Flask) and oidc-provider (npm, on node). Each issues a token
-//! to the proxy's assertion, which then reaches the upstream; each refuses an assertion keyed
-//! by the wrong secret, so the servers really check the HMAC.
+//! `client_auth = "client_secret_jwt"` and `grant = "jwt_bearer"` against authorization servers
+//! written by others, started on loopback: Authlib (PyPI, on Flask) and oidc-provider (npm, on
+//! node). Each issues a token to the proxy's assertion, which then reaches the upstream; each
+//! refuses an assertion keyed by the wrong secret, or a subject the client may not act for, so
+//! the servers really check what they are sent.
 
 mod common;
 
@@ -151,13 +152,14 @@ fn secret_jwt(connectors: &[(&str, &str, &str, &str)]) -> String {
     tables
 }
 
-/// A JWT bearer connector for `subject`, signing with `bearer-key.pem`.
-fn jwt_bearer(name: &str, client_id: &str, subject: &str) -> String {
+/// A JWT bearer connector for `subject`, signing with `bearer-key.pem`; `more` are further
+/// lines of its table.
+fn jwt_bearer(name: &str, client_id: &str, subject: &str, more: &str) -> String {
     format!(
         "[orgs.acme.connectors.{name}]\nauth = \"oauth2\"\ngrant = \"jwt_bearer\"\n\
          resource_domain = \"https://crm.example.com\"\n\
          token_url = \"https://login.example.com/token\"\nclient_id = \"{client_id}\"\n\
-         subject = \"{subject}\"\nprivate_key = {{ file = \"bearer-key.pem\" }}\n\n"
+         subject = \"{subject}\"\nprivate_key = {{ file = \"bearer-key.pem\" }}\n{more}\n"
     )
 }
 
@@ -209,8 +211,7 @@ fn authlib(world: &World, clients: &serde_json::Value) -> Server {
     Server::start(command, "Authlib's token endpoint")
 }
 
-/// Authlib issued `client` one token (cached after), and the upstream's first request carried
-/// it.
+/// The server issued `client` one token (cached after), and the upstream got it.
 fn issued_once_and_sent(world: &World, server: &Server, client: &str) {
     let prefix = format!("issued {client} ");
     let issued: Vec<String> = server
@@ -219,9 +220,16 @@ fn issued_once_and_sent(world: &World, server: &Server, client: &str) {
         .filter_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_owned))
         .collect();
     assert_eq!(issued.len(), 1, "one token, cached: {issued:?}");
+    let bearer = format!("Bearer {}", issued[0]);
+    let sent = world
+        .crm
+        .seen()
+        .iter()
+        .filter(|r| r.headers["authorization"] == bearer.as_str())
+        .count();
     assert_eq!(
-        world.crm.seen()[0].headers["authorization"],
-        format!("Bearer {}", issued[0]).as_str()
+        sent, 2,
+        "{client}'s token reaches the upstream on both requests"
     );
 }
 
@@ -245,22 +253,11 @@ async fn client_secret_jwt_is_accepted_by_authlib() {
     issued_once_and_sent(&world, &server, "authlib-client");
 }
 
-#[tokio::test]
-async fn client_secret_jwt_is_accepted_by_oidc_provider() {
-    let world = World::new().await;
-    let modules = tool(
-        "target/npm/node_modules",
-        "oidc-provider from npm in target/npm",
-    );
-    tool(
-        "target/npm/node_modules/oidc-provider",
-        "oidc-provider from npm in target/npm",
-    );
-    let clients = serde_json::json!({
-        "op-hs256": { "secret": HS256_SECRET, "alg": "HS256" },
-        "op-hs512": { "secret": HS512_SECRET, "alg": "HS512" },
-        "wrong-client": { "secret": HS256_SECRET, "alg": "HS256" },
-    });
+/// oidc-provider's token endpoint (`tests/interop/oidc_provider_server.mjs`) for `clients`.
+fn oidc_provider(world: &World, clients: &serde_json::Value) -> Server {
+    let hint = "oidc-provider from npm in target/npm";
+    let modules = tool("target/npm/node_modules", hint);
+    tool("target/npm/node_modules/oidc-provider", hint);
     let mut command = Command::new("node");
     command
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/oidc_provider_server.mjs"))
@@ -271,7 +268,18 @@ async fn client_secret_jwt_is_accepted_by_oidc_provider() {
         .arg(clients.to_string())
         // The test CA is the proxy's; node needs no trust of its own here.
         .env("NODE_ENV", "production");
-    let server = Server::start(command, "oidc-provider's token endpoint");
+    Server::start(command, "oidc-provider's token endpoint")
+}
+
+#[tokio::test]
+async fn client_secret_jwt_is_accepted_by_oidc_provider() {
+    let world = World::new().await;
+    let clients = serde_json::json!({
+        "op-hs256": { "secret": HS256_SECRET, "alg": "HS256" },
+        "op-hs512": { "secret": HS512_SECRET, "alg": "HS512" },
+        "wrong-client": { "secret": HS256_SECRET, "alg": "HS256" },
+    });
+    let server = oidc_provider(&world, &clients);
     let wrong = "not-the-secret-but-as-long-0123456789abcdef";
     let proxy = world.proxy(
         &server,
@@ -283,13 +291,8 @@ async fn client_secret_jwt_is_accepted_by_oidc_provider() {
         &[],
     );
     check(&world, &server, &proxy, &["hs256", "hs512"]).await;
-    let printed = server.printed();
     for client in ["op-hs256", "op-hs512"] {
-        let issued = printed
-            .iter()
-            .filter(|l| **l == format!("issued {client}"))
-            .count();
-        assert_eq!(issued, 1, "{client}: {printed:?}");
+        issued_once_and_sent(&world, &server, client);
     }
 }
 
@@ -304,14 +307,73 @@ async fn the_jwt_bearer_grant_is_accepted_by_authlib() {
     });
     let server = authlib(&world, &clients);
     let tables = [
-        jwt_bearer("bearer", "bearer-client", subject),
+        jwt_bearer("bearer", "bearer-client", subject, ""),
         // The same client asserting a subject it may not act for.
-        jwt_bearer("wrong", "bearer-client", "someone-else@interop.example"),
+        jwt_bearer("wrong", "bearer-client", "someone-else@interop.example", ""),
     ]
     .concat();
     let key_pem = key.serialize_pem();
     let proxy = world.proxy(&server, &tables, &[("bearer-key.pem", &key_pem)]);
     check(&world, &server, &proxy, &["bearer"]).await;
     issued_once_and_sent(&world, &server, "bearer-client");
+    assert!(!proxy.log_text().contains("PRIVATE KEY"));
+}
+
+#[tokio::test]
+async fn the_jwt_bearer_grant_is_accepted_by_oidc_provider() {
+    let world = World::new().await;
+    // RSA (RS256, the key's natural algorithm) here; Authlib's test signs with P-256.
+    let key_pem = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/rsa-client-key.pem"
+    ))
+    .unwrap();
+    let key = rcgen::KeyPair::from_pem_and_sign_algo(&key_pem, &rcgen::PKCS_RSA_SHA256).unwrap();
+    let subject = "svc@interop.example";
+    // The grant with client authentication on top: oidc-provider wants every client to
+    // authenticate.
+    let bearer = serde_json::json!({ "public_key": key.public_key_pem(), "subject": subject });
+    let clients = serde_json::json!({
+        "bearer-client": { "secret": HS256_SECRET, "bearer": bearer },
+        "wrong-client": { "secret": HS256_SECRET, "bearer": bearer },
+    });
+    let server = oidc_provider(&world, &clients);
+    let basic = |secret: &str| {
+        format!("client_auth = \"client_secret_basic\"\nclient_secret = \"{secret}\"\n")
+    };
+    let tables = [
+        jwt_bearer("bearer", "bearer-client", subject, &basic(HS256_SECRET)),
+        // The right assertion from a client with the wrong secret.
+        jwt_bearer("wrong", "wrong-client", subject, &basic("not-the-secret")),
+        // The right client asserting a subject it may not act for.
+        jwt_bearer(
+            "stranger",
+            "bearer-client",
+            "someone-else@interop.example",
+            &basic(HS256_SECRET),
+        ),
+    ]
+    .concat();
+    let proxy = world.proxy(&server, &tables, &[("bearer-key.pem", &key_pem)]);
+    check(&world, &server, &proxy, &["bearer"]).await;
+    let refused = get(proxy.addr, "/x", &[("x-connector-name", "stranger")]).await;
+    assert_eq!(refused.status, 502, "{refused:?}");
+    assert_eq!(refused.proxy_error().as_deref(), Some("token_unavailable"));
+    assert_eq!(
+        refused.json()["oauth_error"],
+        "invalid_grant",
+        "{refused:?}"
+    );
+    issued_once_and_sent(&world, &server, "bearer-client");
+    let assertions: Vec<String> = server
+        .printed()
+        .into_iter()
+        .filter(|l| l.starts_with("assertion "))
+        .collect();
+    assert_eq!(assertions.len(), 1, "{assertions:?}");
+    assert!(
+        assertions[0].starts_with(&format!("assertion bearer-client sub={subject} jti=")),
+        "{assertions:?}"
+    );
     assert!(!proxy.log_text().contains("PRIVATE KEY"));
 }
