@@ -7,7 +7,8 @@
 #   bash benches/instructions.sh                 # h2 upstream
 #   UPSTREAM_HTTP2=0 bash benches/instructions.sh
 #
-# Rows: connector-proxy (Basic) at RUST_LOG=warn and at info (the access log's cost), and the
+# Rows: connector-proxy (Basic) at RUST_LOG=warn, at info (the access log's cost) and with traces
+# on (every request sampled, exported to an nginx stand-in for an OTLP/HTTP collector), and the
 # bare hyper-util forwarder (examples/bare_forwarder.rs), against an nginx HTTPS upstream.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,17 +20,20 @@ cargo build --release --quiet --bin connector-proxy --example bare_forwarder
 work=$(mktemp -d)
 trap '[ -f "$work/up.pid" ] && kill "$(cat "$work/up.pid")" 2>/dev/null; rm -rf "$work"' EXIT
 . benches/common.sh
-UP=$(free_port); PX=$(free_port); ADMIN=$(free_port)
+UP=$(free_port); PX=$(free_port); ADMIN=$(free_port); OTEL=$(free_port)
 make_certs "$work"
 h2=""; [ "$UPSTREAM_HTTP2" = 1 ] && h2=" http2"
 cat >"$work/up.conf" <<EOF
 worker_processes 1; pid $work/up.pid; error_log $work/up-error.log warn; events {}
 http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$UP ssl$h2; ssl_certificate $work/crm.pem; ssl_certificate_key $work/crm.key;
-           location / { default_type text/plain; return 200 "ok"; } } }
+           location / { default_type text/plain; return 200 "ok"; } }
+  server { listen 127.0.0.1:$OTEL; client_max_body_size 64m; location = /v1/traces { return 200; } } }
 EOF
 nginx -c "$work/up.conf" -p "$work" 2>/dev/null
 basic_config "$work/proxy.toml" "$PX" "$ADMIN" "$UP" svc p
+cp "$work/proxy.toml" "$work/traced.toml"
+printf '\n[telemetry]\notlp_endpoint = "http://127.0.0.1:%s"\n' "$OTEL" >>"$work/traced.toml"
 
 # count N COMMAND... -> total instructions of COMMAND serving N requests on 127.0.0.1:$PX
 count() {
@@ -57,9 +61,10 @@ per_request() { local a b; a=$(count 200 "$@"); b=$(count 1200 "$@"); echo $(( (
 echo "instructions per request (callgrind), upstream offers h2: $UPSTREAM_HTTP2"
 warn=$(RUST_LOG=warn per_request target/release/connector-proxy --config "$work/proxy.toml")
 info=$(RUST_LOG=info per_request target/release/connector-proxy --config "$work/proxy.toml")
+traced=$(RUST_LOG=warn per_request target/release/connector-proxy --config "$work/traced.toml")
 bare=$(per_request target/release/examples/bare_forwarder "127.0.0.1:$PX" "127.0.0.1:$UP" crm.example.com "$work/ca.pem" "Basic c3ZjOnA=")
 echo "| server | instructions/request | vs bare |"
 echo "| --- | ---: | ---: |"
-for row in "bare hyper-util forwarder:$bare" "connector-proxy, RUST_LOG=warn:$warn" "connector-proxy, access log at info:$info"; do
+for row in "bare hyper-util forwarder:$bare" "connector-proxy, RUST_LOG=warn:$warn" "connector-proxy, access log at info:$info" "connector-proxy, traces on:$traced"; do
     awk -v name="${row%%:*}" -v n="${row##*:}" -v b="$bare" 'BEGIN {printf "| %s | %d | %.2fx |\n", name, n, n / b}'
 done

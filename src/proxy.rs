@@ -243,11 +243,19 @@ impl Proxy {
             .with(&labels, |h| h.observe(seconds));
         if let (Some(tracer), Some(span)) = (&self.tracer, trace.span.take()) {
             let (org, connector) = (trace.org(), trace.connector());
+            // Lookups are exact: a found connector's configured names are what was sent.
+            let configured = trace.found.as_ref().map(|c| &c.labels);
             let end = Finish {
                 status,
                 error: code,
-                org: org.as_deref(),
-                connector: connector.as_deref(),
+                org: match configured {
+                    Some(labels) => Some(trace::Name::Configured(&labels.org)),
+                    None => org.as_deref().map(trace::Name::Sent),
+                },
+                connector: match configured {
+                    Some(labels) => Some(trace::Name::Configured(&labels.connector)),
+                    None => connector.as_deref().map(trace::Name::Sent),
+                },
                 request_id: id,
                 token: trace.token,
             };
@@ -338,7 +346,8 @@ impl Routes {
         parts.uri = target.uri;
         if let Some(span) = &mut trace.span {
             // Before the credential: an API key may go in the query, which a span never holds.
-            span.target(&parts.method, &parts.uri);
+            let port = connector.resource_domain.port();
+            span.target(&parts.method, &connector.address, port);
             parts.headers.insert(TRACEPARENT, span.traceparent());
         }
         // The credential before anything is copied: a copy then has room for it.

@@ -68,6 +68,9 @@ pub struct Connector {
     /// Its org and name as metric labels, made once.
     pub labels: ConnectorLabels,
     pub resource_domain: ResourceDomain,
+    /// The resource domain's host without an IPv6 address's brackets, as spans name the
+    /// target (`server.address`), made once.
+    pub address: Arc<str>,
     pub credentials: Credentials,
     /// The client its requests, token requests and validation calls go through: the shared
     /// one, or one of its own where it chose its own `egress_proxy` (or `"none"`).
@@ -160,6 +163,7 @@ impl Registry {
                             ),
                             labels,
                             resource_domain: c.resource_domain.clone(),
+                            address: unbracketed(c.resource_domain.host()).into(),
                             config: c.clone(),
                             validation: Mutex::new(if c.validation_url.is_some() {
                                 Validation::Pending
@@ -365,4 +369,11 @@ fn token_identity(c: &ConnectorConfig, client: &OAuthClient) -> Vec<String> {
         identity.push(format!("{key}={value}"));
     }
     identity
+}
+
+/// A host as spans and logs name it: an IPv6 address without its URI brackets.
+fn unbracketed(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
 }

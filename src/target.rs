@@ -151,6 +151,10 @@ impl ResourceDomain {
         self.authority.host()
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     fn check_authority(&self, target: &Uri) -> Result<(), TargetError> {
         if target.scheme() != Some(&Scheme::HTTPS) {
             return Err(TargetError::Outside("the target's scheme must be https"));

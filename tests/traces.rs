@@ -510,6 +510,26 @@ async fn a_failed_token_fetch_and_a_refused_target_are_error_spans() {
         "the target was refused"
     );
     assert!(!is_error(server));
+
+    // A connector that does not exist: the span names what the request sent.
+    let answer = get(
+        proxy.addr,
+        "/",
+        &[
+            ("x-connector-name", "No Such Connector"),
+            ("x-org-id", "acme"),
+        ],
+    )
+    .await;
+    assert_eq!(answer.status, 404);
+    let spans = collector.wait_for(4).await;
+    let server = spans.last().unwrap();
+    assert_eq!(text(server, "error.type"), answer.proxy_error());
+    assert_eq!(
+        text(server, "connector_proxy.connector").as_deref(),
+        Some("No Such Connector")
+    );
+    assert_eq!(text(server, "connector_proxy.org").as_deref(), Some("acme"));
 }
 
 #[tokio::test]

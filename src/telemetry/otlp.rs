@@ -127,16 +127,24 @@ struct Writer {
 }
 
 impl Writer {
+    #[inline]
     fn varint(&mut self, v: u64) {
+        if v < 0x80 {
+            // Tags, lengths and most numbers here: one byte.
+            self.buf.push(v as u8);
+            return;
+        }
         let (bytes, n) = varint(v);
         self.buf.extend_from_slice(&bytes[..n]);
     }
 
     /// The field's number and wire type.
+    #[inline]
     fn tag(&mut self, field: u32, wire_type: u8) {
         self.varint(u64::from(field) << 3 | u64::from(wire_type));
     }
 
+    #[inline]
     fn varint_field(&mut self, field: u32, v: u64) {
         self.tag(field, 0);
         self.varint(v);
@@ -153,20 +161,31 @@ impl Writer {
     }
 
     /// A length-delimited field: strings, bytes.
+    #[inline]
     fn bytes(&mut self, field: u32, v: &[u8]) {
         self.tag(field, 2);
         self.varint(v.len() as u64);
         self.buf.extend_from_slice(v);
     }
 
-    /// An embedded message, written by `f` in place and then prefixed with its length (the
-    /// bytes move once per level of nesting; nothing is allocated).
+    /// An embedded message, written by `f` in place after a one-byte length. Most messages
+    /// here (attributes, values) are shorter than 128 bytes, and their length fits that byte;
+    /// a longer one (a span, the batch) moves its bytes up by what the length needs beyond it.
     fn message(&mut self, field: u32, f: impl FnOnce(&mut Writer)) {
         self.tag(field, 2);
         let start = self.buf.len();
+        self.buf.push(0);
         f(self);
-        let (prefix, n) = varint((self.buf.len() - start) as u64);
-        self.buf.splice(start..start, prefix[..n].iter().copied());
+        let end = self.buf.len();
+        let len = end - start - 1;
+        if len < 0x80 {
+            self.buf[start] = len as u8;
+            return;
+        }
+        let (prefix, n) = varint(len as u64);
+        self.buf.resize(end + n - 1, 0);
+        self.buf.copy_within(start + 1..end, start + n);
+        self.buf[start..start + n].copy_from_slice(&prefix[..n]);
     }
 }
 
@@ -198,5 +217,19 @@ mod tests {
         let mut w = Writer::default();
         w.varint_field(3, (-1i64) as u64);
         assert_eq!(w.buf.len(), 1 + 10, "a negative int64 takes ten bytes");
+    }
+
+    #[test]
+    fn nested_messages_are_prefixed_with_their_length_in_as_many_bytes_as_it_needs() {
+        for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let body: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut w = Writer::default();
+            w.message(2, |inner| inner.buf.extend_from_slice(&body));
+            let (prefix, n) = varint(len as u64);
+            let mut expected = vec![0x12];
+            expected.extend_from_slice(&prefix[..n]);
+            expected.extend_from_slice(&body);
+            assert_eq!(w.buf, expected, "a body of {len} bytes");
+        }
     }
 }

@@ -107,11 +107,28 @@ pub struct Finish<'a> {
     pub status: u16,
     /// The proxy's error code, when it answered itself.
     pub error: Option<&'static str>,
-    pub org: Option<&'a str>,
-    pub connector: Option<&'a str>,
+    pub org: Option<Name<'a>>,
+    pub connector: Option<Name<'a>>,
     pub request_id: &'a str,
     /// `hit`, `miss` or `replayed`, for OAuth connectors.
     pub token: Option<&'static str>,
+}
+
+/// An org or connector name for a span.
+pub enum Name<'a> {
+    /// A configured name: shared, not copied.
+    Configured(&'a Arc<str>),
+    /// What a request named that matched nothing.
+    Sent(&'a str),
+}
+
+impl Name<'_> {
+    fn value(self) -> Value {
+        match self {
+            Self::Configured(name) => Value::Shared(name.clone()),
+            Self::Sent(name) => Value::Text(Cow::Owned(name.to_owned())),
+        }
+    }
 }
 
 /// Nanoseconds since the Unix epoch, as OTLP times spans.
@@ -207,7 +224,7 @@ impl Tracer {
         ];
         for (key, value) in named {
             if let Some(value) = value {
-                attributes.push((key, Value::Text(Cow::Owned(value.to_owned()))));
+                attributes.push((key, value.value()));
             }
         }
         if let Some((host, port)) = &span.target {
@@ -283,14 +300,11 @@ impl RequestSpan {
     }
 
     /// The request's method and target, once the target rule let it through: host and port
-    /// only, never the path or the query.
-    pub fn target(&mut self, method: &Method, uri: &Uri) {
+    /// only (the connector's, made once), never the path or the query.
+    pub fn target(&mut self, method: &Method, address: &Arc<str>, port: u16) {
         self.method = method.clone();
-        if self.sampled
-            && let Some(host) = uri.host()
-        {
-            let port = uri.port_u16().unwrap_or(443);
-            self.target = Some((Arc::from(host.trim_matches(['[', ']'])), port));
+        if self.sampled {
+            self.target = Some((address.clone(), port));
         }
     }
 
