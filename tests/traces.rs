@@ -533,6 +533,51 @@ async fn a_failed_token_fetch_and_a_refused_target_are_error_spans() {
 }
 
 #[tokio::test]
+async fn a_401_replay_records_both_token_fetches_under_one_upstream_call() {
+    let world = World::new().await;
+    let collector = Collector::plain().await;
+    let proxy = world.start_with(
+        "min_token_age = \"0s\"",
+        "max_replay_body = \"1KiB\"",
+        "",
+        &format!(
+            "{}\n{}",
+            telemetry(&collector, ""),
+            post_client(&world, "crm")
+        ),
+        &[],
+    );
+    // The upstream turns the first token away (the test token endpoint numbers what it
+    // issues): the request fetches it, gets the 401, fetches another and replays.
+    let first = "Bearer at-5ecret-crm-1";
+    world.crm.reject.lock().unwrap().insert(first.into());
+    let answer = get(proxy.addr, "/", &[("x-connector-name", "crm")]).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(format!("Bearer {}", world.token.issued_to("crm")[0]), first);
+    assert_eq!(world.token.issued_to("crm").len(), 2);
+    let spans = collector.wait_for(4).await;
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let server = spans.iter().find(|s| kind(s) == SpanKind::Server).unwrap();
+    assert_eq!(
+        text(server, "connector_proxy.token").as_deref(),
+        Some("replayed")
+    );
+    let tokens: Vec<_> = spans.iter().filter(|s| s.name == "oauth token").collect();
+    let upstream: Vec<_> = spans
+        .iter()
+        .filter(|s| kind(s) == SpanKind::Client && s.name == "GET")
+        .collect();
+    assert_eq!((tokens.len(), upstream.len()), (2, 1), "{spans:#?}");
+    for child in tokens.iter().chain(&upstream) {
+        assert_eq!(hex(&child.parent_span_id), hex(&server.span_id));
+    }
+    assert_ne!(tokens[0].span_id, tokens[1].span_id);
+    // The second fetch happened inside the upstream call, after the 401.
+    assert!(tokens[1].start_time_unix_nano >= upstream[0].start_time_unix_nano);
+    assert_eq!(int(upstream[0], "http.response.status_code"), Some(200));
+}
+
+#[tokio::test]
 async fn failed_exports_are_counted_and_logged_once_and_spans_flow_again_after() {
     let world = World::new().await;
     let collector = Collector::plain().await;

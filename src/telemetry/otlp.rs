@@ -5,9 +5,6 @@
 //! them). The tests decode what this writes with `opentelemetry-proto`'s types, so the field
 //! numbers are checked against the published schema, not against this file.
 
-use std::borrow::Cow;
-use std::sync::Arc;
-
 /// OTLP's `Span.SpanKind`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpanKind {
@@ -15,29 +12,18 @@ pub enum SpanKind {
     Client = 3,
 }
 
-/// An attribute's value (`AnyValue`): the kinds the proxy records.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Value {
-    Text(Cow<'static, str>),
-    /// A string several spans share (the target host).
-    Shared(Arc<str>),
-    Int(i64),
-}
-
-/// A finished span, as plain data.
-#[derive(Clone, Debug)]
-pub struct SpanData {
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
-    /// Zero for a root span.
-    pub parent_span_id: [u8; 8],
+/// A span's own fields; its attributes are written after them.
+pub struct Span<'a> {
+    pub trace_id: &'a [u8; 16],
+    pub span_id: &'a [u8; 8],
+    /// None for a root span.
+    pub parent_span_id: Option<&'a [u8; 8]>,
     /// Bits 0-7 the W3C trace flags; bits 8 and 9 whether the parent is remote.
     pub flags: u32,
-    pub name: Cow<'static, str>,
+    pub name: &'a str,
     pub kind: SpanKind,
     pub start_unix_nanos: u64,
     pub end_unix_nanos: u64,
-    pub attributes: Vec<(&'static str, Value)>,
     /// OTLP `Status.code` ERROR, else UNSET.
     pub error: bool,
 }
@@ -45,78 +31,106 @@ pub struct SpanData {
 /// `Status.code = STATUS_CODE_ERROR`.
 const STATUS_ERROR: u64 = 2;
 
-/// One `ExportTraceServiceRequest`: one resource (`service.name`, `service.version`), one
-/// instrumentation scope, the spans.
-pub fn encode(service_name: &str, spans: &[SpanData]) -> Vec<u8> {
-    // About what a span takes, so that the buffer rarely grows.
-    let mut out = Writer {
-        buf: Vec::with_capacity(256 + spans.len() * 512),
-    };
-    // ExportTraceServiceRequest.resource_spans = 1
-    out.message(1, |rs| {
+/// One `ExportTraceServiceRequest` being written: one resource (`service.name`,
+/// `service.version`), one instrumentation scope, then each span as it is added. Spans are
+/// written straight from what the caller holds; nothing is gathered first.
+pub struct Batch {
+    out: Writer,
+    /// Where the open `ResourceSpans` and `ScopeSpans` begin, closed by `finish`.
+    resource_spans: usize,
+    scope_spans: usize,
+    spans: usize,
+}
+
+impl Batch {
+    /// `spans` is about how many will be added, so that the buffer rarely grows.
+    pub fn new(service_name: &str, spans: usize) -> Self {
+        let mut out = Writer {
+            buf: Vec::with_capacity(256 + spans * 320),
+        };
+        // ExportTraceServiceRequest.resource_spans = 1
+        let resource_spans = out.open(1);
         // ResourceSpans.resource = 1
-        rs.message(1, |resource| {
+        out.message(1, |resource| {
             // Resource.attributes = 1
-            key_value(
-                resource,
-                1,
-                "service.name",
-                &Value::Text(Cow::Owned(service_name.to_owned())),
-            );
-            key_value(
-                resource,
-                1,
-                "service.version",
-                &Value::Text(Cow::Borrowed(env!("CARGO_PKG_VERSION"))),
-            );
+            key_text(resource, 1, "service.name", service_name);
+            key_text(resource, 1, "service.version", env!("CARGO_PKG_VERSION"));
         });
         // ResourceSpans.scope_spans = 2
-        rs.message(2, |scope_spans| {
-            // ScopeSpans.scope = 1: InstrumentationScope name = 1, version = 2
-            scope_spans.message(1, |scope| {
-                scope.bytes(1, env!("CARGO_PKG_NAME").as_bytes());
-                scope.bytes(2, env!("CARGO_PKG_VERSION").as_bytes());
-            });
-            for span in spans {
-                // ScopeSpans.spans = 2
-                scope_spans.message(2, |s| encode_span(s, span));
-            }
+        let scope_spans = out.open(2);
+        // ScopeSpans.scope = 1: InstrumentationScope name = 1, version = 2
+        out.message(1, |scope| {
+            scope.bytes(1, env!("CARGO_PKG_NAME").as_bytes());
+            scope.bytes(2, env!("CARGO_PKG_VERSION").as_bytes());
         });
-    });
-    out.buf
+        Self {
+            out,
+            resource_spans,
+            scope_spans,
+            spans: 0,
+        }
+    }
+
+    /// Adds a span, with the attributes `attributes` writes.
+    pub fn span(&mut self, span: &Span<'_>, attributes: impl FnOnce(&mut Attributes<'_>)) {
+        self.spans += 1;
+        // ScopeSpans.spans = 2
+        self.out.message(2, |s| {
+            s.bytes(1, span.trace_id);
+            s.bytes(2, span.span_id);
+            if let Some(parent) = span.parent_span_id {
+                s.bytes(4, parent);
+            }
+            s.bytes(5, span.name.as_bytes());
+            s.varint_field(6, span.kind as u64);
+            s.fixed64(7, span.start_unix_nanos);
+            s.fixed64(8, span.end_unix_nanos);
+            // Span.attributes = 9
+            attributes(&mut Attributes(s));
+            if span.error {
+                // Status.code = 3
+                s.message(15, |status| status.varint_field(3, STATUS_ERROR));
+            }
+            s.fixed32(16, span.flags);
+        });
+    }
+
+    /// How many spans were added.
+    pub fn spans(&self) -> usize {
+        self.spans
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        // The inner message first: closing it moves only bytes after the outer one's start.
+        self.out.close(self.scope_spans);
+        self.out.close(self.resource_spans);
+        self.out.buf
+    }
 }
 
-fn encode_span(s: &mut Writer, span: &SpanData) {
-    s.bytes(1, &span.trace_id);
-    s.bytes(2, &span.span_id);
-    if span.parent_span_id != [0; 8] {
-        s.bytes(4, &span.parent_span_id);
+/// A span's attributes (`Span.attributes`, `KeyValue`s), as they are written.
+pub struct Attributes<'w>(&'w mut Writer);
+
+impl Attributes<'_> {
+    pub fn text(&mut self, key: &str, value: &str) {
+        key_text(self.0, 9, key, value);
     }
-    s.bytes(5, span.name.as_bytes());
-    s.varint_field(6, span.kind as u64);
-    s.fixed64(7, span.start_unix_nanos);
-    s.fixed64(8, span.end_unix_nanos);
-    for (key, value) in &span.attributes {
-        key_value(s, 9, key, value);
+
+    pub fn int(&mut self, key: &str, value: i64) {
+        // KeyValue key = 1, value = 2 (AnyValue int_value = 3, the two's complement varint)
+        self.0.message(9, |kv| {
+            kv.bytes(1, key.as_bytes());
+            kv.message(2, |any| any.varint_field(3, value as u64));
+        });
     }
-    if span.error {
-        // Status.code = 3
-        s.message(15, |status| status.varint_field(3, STATUS_ERROR));
-    }
-    s.fixed32(16, span.flags);
 }
 
-/// A `KeyValue` (key = 1, value = 2 as an `AnyValue`) in field `field`.
-fn key_value(w: &mut Writer, field: u32, key: &str, value: &Value) {
+/// A `KeyValue` with a string (key = 1, value = 2 as an `AnyValue`, string_value = 1) in field
+/// `field`.
+fn key_text(w: &mut Writer, field: u32, key: &str, value: &str) {
     w.message(field, |kv| {
         kv.bytes(1, key.as_bytes());
-        kv.message(2, |any| match value {
-            // AnyValue.string_value = 1, int_value = 3
-            Value::Text(s) => any.bytes(1, s.as_bytes()),
-            Value::Shared(s) => any.bytes(1, s.as_bytes()),
-            // int64 is written as the two's complement varint.
-            Value::Int(i) => any.varint_field(3, *i as u64),
-        });
+        kv.message(2, |any| any.bytes(1, value.as_bytes()));
     });
 }
 
@@ -172,10 +186,19 @@ impl Writer {
     /// here (attributes, values) are shorter than 128 bytes, and their length fits that byte;
     /// a longer one (a span, the batch) moves its bytes up by what the length needs beyond it.
     fn message(&mut self, field: u32, f: impl FnOnce(&mut Writer)) {
-        self.tag(field, 2);
-        let start = self.buf.len();
-        self.buf.push(0);
+        let start = self.open(field);
         f(self);
+        self.close(start);
+    }
+
+    /// Begins an embedded message whose length `close` fills in; where it begins.
+    fn open(&mut self, field: u32) -> usize {
+        self.tag(field, 2);
+        self.buf.push(0);
+        self.buf.len() - 1
+    }
+
+    fn close(&mut self, start: usize) {
         let end = self.buf.len();
         let len = end - start - 1;
         if len < 0x80 {

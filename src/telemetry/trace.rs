@@ -1,11 +1,12 @@
 //! Traces: a span per request, with child spans for a token fetch and the upstream call,
 //! exported over OTLP/HTTP in batches, off the request path.
 //!
-//! A request's spans are plain data ([`SpanData`]) appended to a shared, bounded buffer: a
+//! What became of a request (its ids, times, status and names, and those of its token fetches
+//! and upstream call) is plain data, a [`Record`], appended to a shared, bounded buffer: a
 //! lock and a move, no wake-up, so the request never waits for the collector. The exporter
-//! task is woken by the first spans after it went idle (and again when a batch is full), lets
-//! more gather for up to [`LINGER`], encodes them ([`super::otlp`]) and POSTs them on one
-//! kept-alive connection, [`MAX_BATCH`] spans at a time. A full buffer or a failed export
+//! task is woken by the first records after it went idle (and again when a batch is full),
+//! lets more gather for up to [`LINGER`], writes each record's spans in OTLP ([`super::otlp`])
+//! and POSTs them on one kept-alive connection, [`MAX_BATCH`] spans at a time. A full buffer or a failed export
 //! drops spans, counted in `connector_proxy_spans_dropped_total`; there is no retry, as a
 //! trace is worth less than the memory and the collector load a backlog would take. (The log
 //! writer in `telemetry.rs` batches the same way, for the same reason: a channel woke its
@@ -17,7 +18,6 @@
 //! gets a `traceparent` naming the upstream call's span, sampled or not, so that its own
 //! spans (or its decision not to record) follow the proxy's.
 
-use std::borrow::Cow;
 use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,7 +31,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::otlp::{self, SpanData, SpanKind, Value};
+use super::otlp::{Batch, Span, SpanKind};
 use crate::config::TelemetrySettings;
 use crate::forward::egress::Transport;
 use crate::metrics::SpanCounters;
@@ -49,17 +49,19 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A failed export is logged at most this often; the metric counts every one.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// Spans waiting for the exporter, shared by the requests and the exporter task.
+/// Records waiting for the exporter, shared by the requests and the exporter task.
 struct Queue {
     pending: Mutex<Pending>,
-    /// The first spans after the exporter went idle, or a full batch.
+    /// The first records after the exporter went idle, or a full batch.
     wake: Notify,
 }
 
 #[derive(Default)]
 struct Pending {
-    spans: Vec<SpanData>,
-    /// The exporter waits on `wake` for the next spans.
+    records: Vec<Record>,
+    /// Their spans, which the limits count.
+    spans: usize,
+    /// The exporter waits on `wake` for the next records.
     idle: bool,
 }
 
@@ -86,7 +88,7 @@ const SAMPLED: u8 = 0x01;
 const PARENT_LOCAL: u32 = 0x100;
 const PARENT_REMOTE: u32 = 0x300;
 
-/// A request's span while it is served: its ids, and the children finished so far.
+/// A request's span while it is served: its ids, and its children finished so far.
 pub struct RequestSpan {
     trace_id: [u8; 16],
     span_id: [u8; 8],
@@ -99,7 +101,25 @@ pub struct RequestSpan {
     method: Method,
     /// The target's host and port, once the target rule let it through.
     target: Option<(Arc<str>, u16)>,
-    children: Vec<SpanData>,
+    /// Token fetches the request waited for: the first, and a 401 replay's.
+    fetches: [Option<Fetch>; 2],
+    upstream: Option<Call>,
+}
+
+/// A token fetch: a child span.
+struct Fetch {
+    span_id: [u8; 8],
+    start: u64,
+    end: u64,
+    /// The proxy's error code when it failed.
+    error: Option<&'static str>,
+}
+
+/// The upstream call, to its response head: a child span.
+struct Call {
+    start: u64,
+    end: u64,
+    result: Result<u16, &'static str>,
 }
 
 /// What became of a request, for its span's attributes.
@@ -122,13 +142,40 @@ pub enum Name<'a> {
     Sent(&'a str),
 }
 
-impl Name<'_> {
-    fn value(self) -> Value {
+/// A name as a record keeps it.
+enum Kept {
+    Shared(Arc<str>),
+    Copied(Box<str>),
+}
+
+impl Kept {
+    fn as_str(&self) -> &str {
         match self {
-            Self::Configured(name) => Value::Shared(name.clone()),
-            Self::Sent(name) => Value::Text(Cow::Owned(name.to_owned())),
+            Self::Shared(name) => name,
+            Self::Copied(name) => name,
         }
     }
+}
+
+impl From<Name<'_>> for Kept {
+    fn from(name: Name<'_>) -> Self {
+        match name {
+            Name::Configured(name) => Self::Shared(name.clone()),
+            Name::Sent(name) => Self::Copied(name.into()),
+        }
+    }
+}
+
+/// A finished, sampled request, queued for export: its span and children, as plain data.
+struct Record {
+    span: RequestSpan,
+    end: u64,
+    status: u16,
+    error: Option<&'static str>,
+    org: Option<Kept>,
+    connector: Option<Kept>,
+    request_id: Box<str>,
+    token: Option<&'static str>,
 }
 
 /// Nanoseconds since the Unix epoch, as OTLP times spans.
@@ -189,12 +236,8 @@ impl Tracer {
             start: now(),
             method: Method::GET,
             target: None,
-            // The request's own span and its children: two or three.
-            children: if sampled {
-                Vec::with_capacity(3)
-            } else {
-                Vec::new()
-            },
+            fetches: [None, None],
+            upstream: None,
         }
     }
 
@@ -204,68 +247,32 @@ impl Tracer {
         self.every || u64::from_be_bytes(low) < self.threshold
     }
 
-    /// Ends the request's span and queues its spans for export, when it was sampled.
-    pub fn finish(&self, mut span: RequestSpan, method: &Method, end: Finish<'_>) {
+    /// Ends the request's span and queues it for export, when it was sampled.
+    pub fn finish(&self, span: RequestSpan, method: &Method, end: Finish<'_>) {
         if !span.sampled {
             return;
         }
-        let mut attributes = Vec::with_capacity(10);
-        attributes.extend([
-            ("http.request.method", Value::Text(method_name(method))),
-            ("http.response.status_code", Value::Int(end.status.into())),
-            (
-                "connector_proxy.request_id",
-                Value::Text(Cow::Owned(end.request_id.to_owned())),
-            ),
-        ]);
-        let named = [
-            ("connector_proxy.org", end.org),
-            ("connector_proxy.connector", end.connector),
-        ];
-        for (key, value) in named {
-            if let Some(value) = value {
-                attributes.push((key, value.value()));
-            }
-        }
-        if let Some((host, port)) = &span.target {
-            attributes.push(("server.address", Value::Shared(host.clone())));
-            attributes.push(("server.port", Value::Int((*port).into())));
-        }
-        if let Some(token) = end.token {
-            attributes.push(("connector_proxy.token", Value::Text(Cow::Borrowed(token))));
-        }
-        if let Some(code) = end.error {
-            attributes.push(("error.type", Value::Text(Cow::Borrowed(code))));
-        }
-        let root = SpanData {
-            trace_id: span.trace_id,
-            span_id: span.span_id,
-            parent_span_id: span.remote_parent.unwrap_or_default(),
-            flags: u32::from(SAMPLED)
-                | if span.remote_parent.is_some() {
-                    PARENT_REMOTE
-                } else {
-                    0
-                },
-            name: method_name(method),
-            kind: SpanKind::Server,
-            start_unix_nanos: span.start,
-            end_unix_nanos: now(),
-            attributes,
-            // Server spans: an error is the proxy's or the upstream's 5xx, not the caller's
-            // 4xx (OpenTelemetry's HTTP conventions).
-            error: end.status >= 500,
+        let mut record = Record {
+            span,
+            end: now(),
+            status: end.status,
+            error: end.error,
+            org: end.org.map(Kept::from),
+            connector: end.connector.map(Kept::from),
+            request_id: end.request_id.into(),
+            token: end.token,
         };
-        span.children.push(root);
-        let n = span.children.len();
+        record.span.method = method.clone();
+        let n = record.spans();
         let mut pending = self.queue.lock();
-        if pending.spans.len() + n > PENDING_LIMIT {
+        if pending.spans + n > PENDING_LIMIT {
             drop(pending);
             self.counters.dropped_queue_full.inc_by(n as u64);
             return;
         }
-        pending.spans.append(&mut span.children);
-        let full = pending.spans.len() >= MAX_BATCH && pending.spans.len() - n < MAX_BATCH;
+        pending.records.push(record);
+        pending.spans += n;
+        let full = pending.spans >= MAX_BATCH && pending.spans - n < MAX_BATCH;
         let wake = std::mem::take(&mut pending.idle) || full;
         drop(pending);
         if wake {
@@ -309,106 +316,144 @@ impl RequestSpan {
     }
 
     /// A token fetch the request waited for, from `started` to now; `error` is the proxy's
-    /// error code when it failed.
+    /// error code when it failed. A request waits for two at the most (the second after a
+    /// 401); a third would not be recorded.
     pub fn token_fetch(&mut self, started: u64, error: Option<&'static str>) {
-        let mut attributes = Vec::new();
-        if let Some(code) = error {
-            attributes.push(("error.type", Value::Text(Cow::Borrowed(code))));
+        if !self.sampled {
+            return;
         }
-        self.child("oauth token", started, attributes, error.is_some());
+        if let Some(free) = self.fetches.iter_mut().find(|f| f.is_none()) {
+            *free = Some(Fetch {
+                span_id: random_span_id(),
+                start: started,
+                end: now(),
+                error,
+            });
+        }
     }
 
     /// The upstream call, from `started` to its response head: its status, or the proxy's
     /// error code.
     pub fn upstream(&mut self, started: u64, result: Result<u16, &'static str>) {
-        let mut attributes = Vec::with_capacity(5);
-        attributes.push((
-            "http.request.method",
-            Value::Text(method_name(&self.method)),
-        ));
-        if let Some((host, port)) = &self.target {
-            attributes.push(("server.address", Value::Shared(host.clone())));
-            attributes.push(("server.port", Value::Int((*port).into())));
+        if self.sampled {
+            self.upstream = Some(Call {
+                start: started,
+                end: now(),
+                result,
+            });
         }
-        let error = match result {
-            Ok(status) => {
-                attributes.push(("http.response.status_code", Value::Int(status.into())));
-                // Client spans: any 4xx or 5xx is an error.
-                status >= 400
-            }
-            Err(code) => {
-                attributes.push(("error.type", Value::Text(Cow::Borrowed(code))));
-                true
-            }
-        };
-        let span_id = self.upstream_span_id;
-        let name = method_name(&self.method);
-        self.push_child(span_id, name, started, attributes, error);
     }
 
     /// Whether the span is recorded (child spans are only worth timing then).
     pub fn sampled(&self) -> bool {
         self.sampled
     }
-
-    fn child(
-        &mut self,
-        name: &'static str,
-        started: u64,
-        attributes: Vec<(&'static str, Value)>,
-        error: bool,
-    ) {
-        self.push_child(
-            random_span_id(),
-            Cow::Borrowed(name),
-            started,
-            attributes,
-            error,
-        );
-    }
-
-    fn push_child(
-        &mut self,
-        span_id: [u8; 8],
-        name: Cow<'static, str>,
-        started: u64,
-        attributes: Vec<(&'static str, Value)>,
-        error: bool,
-    ) {
-        if !self.sampled {
-            return;
-        }
-        self.children.push(SpanData {
-            trace_id: self.trace_id,
-            span_id,
-            parent_span_id: self.span_id,
-            flags: u32::from(SAMPLED) | PARENT_LOCAL,
-            name,
-            kind: SpanKind::Client,
-            start_unix_nanos: started,
-            end_unix_nanos: now(),
-            attributes,
-            error,
-        });
-    }
 }
 
-/// The method's name, without a copy for the standard ones.
-fn method_name(method: &Method) -> Cow<'static, str> {
-    const STANDARD: [(Method, &str); 9] = [
-        (Method::GET, "GET"),
-        (Method::POST, "POST"),
-        (Method::PUT, "PUT"),
-        (Method::DELETE, "DELETE"),
-        (Method::PATCH, "PATCH"),
-        (Method::HEAD, "HEAD"),
-        (Method::OPTIONS, "OPTIONS"),
-        (Method::TRACE, "TRACE"),
-        (Method::CONNECT, "CONNECT"),
-    ];
-    match STANDARD.iter().find(|(m, _)| m == method) {
-        Some((_, name)) => Cow::Borrowed(name),
-        None => Cow::Owned(method.as_str().to_owned()),
+/// OTLP `Span.flags` of a child of the request's span.
+const CHILD_FLAGS: u32 = SAMPLED as u32 | PARENT_LOCAL;
+
+impl Record {
+    /// The request's span and its children.
+    fn spans(&self) -> usize {
+        let span = &self.span;
+        1 + span.fetches.iter().flatten().count() + usize::from(span.upstream.is_some())
+    }
+
+    fn write(&self, batch: &mut Batch) {
+        let span = &self.span;
+        let method = span.method.as_str();
+        let root = Span {
+            trace_id: &span.trace_id,
+            span_id: &span.span_id,
+            parent_span_id: span.remote_parent.as_ref(),
+            flags: u32::from(SAMPLED)
+                | if span.remote_parent.is_some() {
+                    PARENT_REMOTE
+                } else {
+                    0
+                },
+            name: method,
+            kind: SpanKind::Server,
+            start_unix_nanos: span.start,
+            end_unix_nanos: self.end,
+            // Server spans: an error is the proxy's or the upstream's 5xx, not the caller's
+            // 4xx (OpenTelemetry's HTTP conventions).
+            error: self.status >= 500,
+        };
+        batch.span(&root, |a| {
+            a.text("http.request.method", method);
+            a.int("http.response.status_code", self.status.into());
+            a.text("connector_proxy.request_id", &self.request_id);
+            if let Some(org) = &self.org {
+                a.text("connector_proxy.org", org.as_str());
+            }
+            if let Some(connector) = &self.connector {
+                a.text("connector_proxy.connector", connector.as_str());
+            }
+            if let Some((host, port)) = &span.target {
+                a.text("server.address", host);
+                a.int("server.port", (*port).into());
+            }
+            if let Some(token) = self.token {
+                a.text("connector_proxy.token", token);
+            }
+            if let Some(code) = self.error {
+                a.text("error.type", code);
+            }
+        });
+        for fetch in span.fetches.iter().flatten() {
+            let child = Span {
+                span_id: &fetch.span_id,
+                name: "oauth token",
+                start_unix_nanos: fetch.start,
+                end_unix_nanos: fetch.end,
+                error: fetch.error.is_some(),
+                ..self.child(root.span_id)
+            };
+            batch.span(&child, |a| {
+                if let Some(code) = fetch.error {
+                    a.text("error.type", code);
+                }
+            });
+        }
+        if let Some(call) = &span.upstream {
+            let child = Span {
+                span_id: &span.upstream_span_id,
+                name: method,
+                start_unix_nanos: call.start,
+                end_unix_nanos: call.end,
+                // Client spans: any 4xx or 5xx is an error.
+                error: call.result.is_err() || call.result.is_ok_and(|status| status >= 400),
+                ..self.child(root.span_id)
+            };
+            batch.span(&child, |a| {
+                a.text("http.request.method", method);
+                if let Some((host, port)) = &span.target {
+                    a.text("server.address", host);
+                    a.int("server.port", (*port).into());
+                }
+                match call.result {
+                    Ok(status) => a.int("http.response.status_code", status.into()),
+                    Err(code) => a.text("error.type", code),
+                }
+            });
+        }
+    }
+
+    /// A child span's shared fields; the rest are the child's own.
+    fn child<'a>(&'a self, parent: &'a [u8; 8]) -> Span<'a> {
+        Span {
+            trace_id: &self.span.trace_id,
+            span_id: parent,
+            parent_span_id: Some(parent),
+            flags: CHILD_FLAGS,
+            name: "",
+            kind: SpanKind::Client,
+            start_unix_nanos: 0,
+            end_unix_nanos: 0,
+            error: false,
+        }
     }
 }
 
@@ -543,11 +588,11 @@ impl Exporter {
         let mut flushes = Vec::new();
         let mut spare = Vec::new();
         loop {
-            // Sleep until the first spans after idle, or a flush. Spans that came in while the
-            // last batch went out are not waited for: they notified nobody.
+            // Sleep until the first records after idle, or a flush. Records that came in while
+            // the last batch went out are not waited for: they notified nobody.
             let waiting = {
                 let mut pending = queue.lock();
-                pending.idle = pending.spans.is_empty();
+                pending.idle = pending.records.is_empty();
                 pending.idle
             };
             if waiting {
@@ -560,45 +605,55 @@ impl Exporter {
                 }
             }
             // Let more gather, unless a batch is full or a flush waits.
-            if flushes.is_empty() && queue.lock().spans.len() < MAX_BATCH {
+            if flushes.is_empty() && queue.lock().spans < MAX_BATCH {
                 tokio::select! {
                     () = tokio::time::sleep(LINGER) => {}
                     () = queue.wake.notified() => {}
                     asked = flush_requests.recv() => flushes.extend(asked),
                 }
             }
-            // Everything pending, a batch at a time; spans arriving meanwhile are the next
+            // Everything pending, a batch at a time; records arriving meanwhile are the next
             // round's. The two buffers swap, so neither grows again from empty.
-            std::mem::swap(&mut queue.lock().spans, &mut spare);
-            for batch in spare.chunks(MAX_BATCH) {
+            {
+                let mut pending = queue.lock();
+                std::mem::swap(&mut pending.records, &mut spare);
+                pending.spans = 0;
+            }
+            let mut records = spare.drain(..).peekable();
+            while records.peek().is_some() {
+                let mut batch = Batch::new(&self.service_name, MAX_BATCH);
+                while let Some(record) = records
+                    .next_if(|r| batch.spans() == 0 || batch.spans() + r.spans() <= MAX_BATCH)
+                {
+                    record.write(&mut batch);
+                }
                 self.export(batch).await;
             }
-            spare.clear();
+            drop(records);
             for done in flushes.drain(..) {
                 let _ = done.send(());
             }
         }
     }
 
-    async fn export(&mut self, batch: &[SpanData]) {
-        let body = Bytes::from(otlp::encode(&self.service_name, batch));
+    async fn export(&mut self, batch: Batch) {
+        let spans = batch.spans();
+        let body = Bytes::from(batch.finish());
         let result = tokio::time::timeout(EXPORT_TIMEOUT, self.post(body))
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {EXPORT_TIMEOUT:?}")));
         match result {
             Ok(()) => {
-                self.counters.exported.inc_by(batch.len() as u64);
+                self.counters.exported.inc_by(spans as u64);
             }
             Err(error) => {
                 // A half-used connection is not trusted again.
                 self.connection = None;
-                self.counters
-                    .dropped_export_failed
-                    .inc_by(batch.len() as u64);
+                self.counters.dropped_export_failed.inc_by(spans as u64);
                 let now = tokio::time::Instant::now();
                 if self.last_warning.is_none_or(|t| now - t >= WARN_EVERY) {
                     self.last_warning = Some(now);
-                    tracing::warn!(endpoint = %self.url, spans = batch.len(), %error, "trace export failed; spans dropped (connector_proxy_spans_dropped_total counts every one; this warning repeats at most once a minute)");
+                    tracing::warn!(endpoint = %self.url, spans, %error, "trace export failed; spans dropped (connector_proxy_spans_dropped_total counts every one; this warning repeats at most once a minute)");
                 }
             }
         }
@@ -716,7 +771,8 @@ mod tests {
             tracer.finish(span, &Method::GET, end());
         }
         assert_eq!(counters.dropped_queue_full.get(), 7);
-        assert_eq!(tracer.queue.lock().spans.len(), PENDING_LIMIT);
+        assert_eq!(tracer.queue.lock().spans, PENDING_LIMIT);
+        assert_eq!(tracer.queue.lock().records.len(), PENDING_LIMIT);
     }
 
     #[tokio::test]
