@@ -289,7 +289,8 @@ to_ms() {
 }
 
 row() {
-    local name=$1 res=$2 rss=$3
+    # Local: the callers' own rps and cpu variables keep their values.
+    local name=$1 res=$2 rss=$3 rps p50 p99 pcpu ucpu nrps np99 hrps brps drps
     read -r rps p50 p99 pcpu ucpu <<<"$res"
     read -r nrps _ np99 _ <<<"$ngx"
     read -r hrps _ _ _ <<<"$hap"
@@ -465,11 +466,13 @@ if [ -n "${PROFILE:-}" ]; then
     wait "$perf_pid" || true
     echo "profile written to $PROFILE: perf report -i $PROFILE --no-children --sort symbol" >&2
 fi
-oauth=$(WATCH=$CP_PID run oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/")
-cp_rss=$(rss "$CP_PID")
+# Each variant right after the run it is compared with, so that drift over the run (this VM's
+# neighbours) moves both alike.
+traced=$(WATCH=$CPT_PID run traced "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CPT/")
 logged=$(WATCH=$CPL_PID run logged "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CPL/")
 cpl_rss=$(rss "$CPL_PID")
-traced=$(WATCH=$CPT_PID run traced "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CPT/")
+oauth=$(WATCH=$CP_PID run oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CP/")
+cp_rss=$(rss "$CP_PID")
 traced_oauth=$(WATCH=$CPT_PID run traced-oauth "$CONNECTIONS" -H 'X-Connector-Name: oauth' "http://127.0.0.1:$CPT/")
 cpt_rss=$(rss "$CPT_PID")
 if [ "$MODE" = quick ]; then   # the 32-connection rows only, for A/B runs of two builds
