@@ -172,7 +172,10 @@ impl Proxy {
         let method = request.method().clone();
         let routes = self.routes.load_full();
         let mut trace = Trace {
-            span: self.tracer.as_ref().map(|t| t.begin(request.headers())),
+            span: self
+                .tracer
+                .as_ref()
+                .map(|t| t.begin(&method, request.headers())),
             ..Trace::default()
         };
         // CONNECT first, before the limit: whatever the load, it is never served.
@@ -259,7 +262,7 @@ impl Proxy {
                 request_id: id,
                 token: trace.token,
             };
-            tracer.finish(span, &method, end);
+            tracer.finish(span, end);
         }
         tracing::info!(
             target: crate::telemetry::access::TARGET,
@@ -347,7 +350,7 @@ impl Routes {
         if let Some(span) = &mut trace.span {
             // Before the credential: an API key may go in the query, which a span never holds.
             let port = connector.resource_domain.port();
-            span.target(&parts.method, &connector.address, port);
+            span.target(&connector.address, port);
             parts.headers.insert(TRACEPARENT, span.traceparent());
         }
         // The credential before anything is copied: a copy then has room for it.

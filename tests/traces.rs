@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use common::metrics::{self, metric};
 use common::oauth::{World, post_client};
 use common::token::Mode;
-use common::{Pki, eventually, get, serve_tls};
+use common::{Pki, eventually, get, send, serve_tls};
 
 /// The caller's span in the W3C specification's example.
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -551,7 +551,14 @@ async fn a_401_replay_records_both_token_fetches_under_one_upstream_call() {
     // issues): the request fetches it, gets the 401, fetches another and replays.
     let first = "Bearer at-5ecret-crm-1";
     world.crm.reject.lock().unwrap().insert(first.into());
-    let answer = get(proxy.addr, "/", &[("x-connector-name", "crm")]).await;
+    let answer = send(
+        proxy.addr,
+        "POST",
+        "/orders",
+        &[("x-connector-name", "crm")],
+        Bytes::from_static(b"{\"id\":1}"),
+    )
+    .await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(format!("Bearer {}", world.token.issued_to("crm")[0]), first);
     assert_eq!(world.token.issued_to("crm").len(), 2);
@@ -563,9 +570,10 @@ async fn a_401_replay_records_both_token_fetches_under_one_upstream_call() {
         Some("replayed")
     );
     let tokens: Vec<_> = spans.iter().filter(|s| s.name == "oauth token").collect();
+    assert_eq!(server.name, "POST");
     let upstream: Vec<_> = spans
         .iter()
-        .filter(|s| kind(s) == SpanKind::Client && s.name == "GET")
+        .filter(|s| kind(s) == SpanKind::Client && s.name == "POST")
         .collect();
     assert_eq!((tokens.len(), upstream.len()), (2, 1), "{spans:#?}");
     for child in tokens.iter().chain(&upstream) {

@@ -219,7 +219,7 @@ impl Tracer {
     }
 
     /// The span of a request with these headers.
-    pub fn begin(&self, headers: &HeaderMap) -> RequestSpan {
+    pub fn begin(&self, method: &Method, headers: &HeaderMap) -> RequestSpan {
         let trace_id = random_trace_id();
         let (span_id, upstream_span_id) = (random_span_id(), random_span_id());
         let parent = single(headers).and_then(|v| parse_traceparent(v.as_bytes()));
@@ -234,7 +234,8 @@ impl Tracer {
             sampled,
             upstream_span_id,
             start: now(),
-            method: Method::GET,
+            // Only a recorded span is named: an extension method's clone allocates.
+            method: if sampled { method.clone() } else { Method::GET },
             target: None,
             fetches: [None, None],
             upstream: None,
@@ -248,11 +249,11 @@ impl Tracer {
     }
 
     /// Ends the request's span and queues it for export, when it was sampled.
-    pub fn finish(&self, span: RequestSpan, method: &Method, end: Finish<'_>) {
+    pub fn finish(&self, span: RequestSpan, end: Finish<'_>) {
         if !span.sampled {
             return;
         }
-        let mut record = Record {
+        let record = Record {
             span,
             end: now(),
             status: end.status,
@@ -262,7 +263,6 @@ impl Tracer {
             request_id: end.request_id.into(),
             token: end.token,
         };
-        record.span.method = method.clone();
         let n = record.spans();
         let mut pending = self.queue.lock();
         if pending.spans + n > PENDING_LIMIT {
@@ -306,10 +306,9 @@ impl RequestSpan {
         HeaderValue::from_bytes(&text).expect("hex and dashes are a valid header value")
     }
 
-    /// The request's method and target, once the target rule let it through: host and port
+    /// The request's target, once the target rule let it through: host and port
     /// only (the connector's, made once), never the path or the query.
-    pub fn target(&mut self, method: &Method, address: &Arc<str>, port: u16) {
-        self.method = method.clone();
+    pub fn target(&mut self, address: &Arc<str>, port: u16) {
         if self.sampled {
             self.target = Some((address.clone(), port));
         }
@@ -767,8 +766,8 @@ mod tests {
         let (tracer, counters) = tracer(1.0);
         // One span per request (no children); the exporter cannot run in between.
         for _ in 0..PENDING_LIMIT + 7 {
-            let span = tracer.begin(&HeaderMap::new());
-            tracer.finish(span, &Method::GET, end());
+            let span = tracer.begin(&Method::GET, &HeaderMap::new());
+            tracer.finish(span, end());
         }
         assert_eq!(counters.dropped_queue_full.get(), 7);
         assert_eq!(tracer.queue.lock().spans, PENDING_LIMIT);
@@ -780,7 +779,7 @@ mod tests {
         let sampled = |ratio| {
             let (tracer, _) = tracer(ratio);
             (0..10_000)
-                .filter(|_| tracer.begin(&HeaderMap::new()).sampled())
+                .filter(|_| tracer.begin(&Method::GET, &HeaderMap::new()).sampled())
                 .count()
         };
         assert_eq!(sampled(0.0), 0);
