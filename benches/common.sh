@@ -35,3 +35,18 @@ username = "$5"
 password = "$6"
 EOF
 }
+
+# oauth_connector FILE NAME TOKEN_PATH: appends a client-credentials connector NAME for
+# crm.example.com whose token endpoint is the upstream's TOKEN_PATH.
+oauth_connector() {
+    cat >>"$1" <<EOF
+
+[orgs.bench.connectors.$2]
+auth = "oauth2"
+grant = "client_credentials"
+resource_domain = "https://crm.example.com"
+token_url = "https://crm.example.com$3"
+client_id = "bench"
+client_secret = "bench-secret"
+EOF
+}

@@ -40,16 +40,7 @@ http { access_log off; keepalive_requests 1000000;
 EOF
 nginx -c "$work/up.conf" -p "$work" 2>/dev/null
 basic_config "$work/proxy.toml" "$PX" "$ADMIN" "$UP" svc p
-cat >>"$work/proxy.toml" <<EOF
-
-[orgs.bench.connectors.oauth]
-auth = "oauth2"
-grant = "client_credentials"
-resource_domain = "https://crm.example.com"
-token_url = "https://crm.example.com/oauth2/token"
-client_id = "bench"
-client_secret = "bench-secret"
-EOF
+oauth_connector "$work/proxy.toml" oauth /oauth2/token
 cp "$work/proxy.toml" "$work/traced.toml"
 printf '\n[telemetry]\notlp_endpoint = "http://127.0.0.1:%s"\n' "$OTEL" >>"$work/traced.toml"
 

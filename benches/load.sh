@@ -176,24 +176,8 @@ backend crm
 EOF
 
 basic_config "$work/connector-proxy.toml" "$CP" "$CPA" "$UP" svc-flow bench-password
-cat >>"$work/connector-proxy.toml" <<EOF
-
-[orgs.bench.connectors.oauth]
-auth = "oauth2"
-grant = "client_credentials"
-resource_domain = "https://crm.example.com"
-token_url = "https://crm.example.com/oauth2/token"
-client_id = "bench"
-client_secret = "bench-secret"
-
-[orgs.bench.connectors.rolling]
-auth = "oauth2"
-grant = "client_credentials"
-resource_domain = "https://crm.example.com"
-token_url = "https://crm.example.com/oauth2/rolling"
-client_id = "bench"
-client_secret = "bench-secret"
-EOF
+oauth_connector "$work/connector-proxy.toml" oauth /oauth2/token
+oauth_connector "$work/connector-proxy.toml" rolling /oauth2/rolling
 if [ "$CLUSTER" = 1 ]; then
     start_redis() {
         taskset -c "$PROXY_CORE" redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly no \

@@ -62,6 +62,18 @@ pub struct Upstream {
     request_timeout: Duration,
 }
 
+/// A client configuration that trusts no server, for unit tests that never connect.
+#[cfg(test)]
+pub(crate) fn trusting_nothing() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    Arc::new(tls)
+}
+
 /// Builds the rustls client configuration. There is deliberately no way to turn verification off.
 pub fn tls_config(
     settings: &UpstreamSettings,

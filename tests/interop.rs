@@ -182,17 +182,19 @@ async fn check(world: &World, server: &Server, proxy: &Proxy, good: &[&str]) {
             .unwrap();
         assert!(authorization.starts_with("Bearer ") && authorization.len() > 20);
     }
-    let refused = get(proxy.addr, "/x", &[("x-connector-name", "wrong")]).await;
-    assert_eq!(refused.status, 502, "{refused:?}");
-    assert_eq!(refused.proxy_error().as_deref(), Some("token_unavailable"));
-    assert_eq!(
-        refused.json()["oauth_error"],
-        "invalid_client",
-        "{refused:?}"
-    );
+    refused(proxy, "wrong", "invalid_client").await;
     assert_eq!(world.crm.seen().len(), good.len() * 2);
     let logs = proxy.log_text();
     assert!(!logs.contains(HS256_SECRET) && !logs.contains(HS512_SECRET));
+}
+
+/// A request through `connector` is answered 502 `token_unavailable`, carrying the token
+/// endpoint's `oauth_error`.
+async fn refused(proxy: &Proxy, connector: &str, oauth_error: &str) {
+    let answer = get(proxy.addr, "/x", &[("x-connector-name", connector)]).await;
+    assert_eq!(answer.status, 502, "{answer:?}");
+    assert_eq!(answer.proxy_error().as_deref(), Some("token_unavailable"));
+    assert_eq!(answer.json()["oauth_error"], oauth_error, "{answer:?}");
 }
 
 /// Authlib's token endpoint (`tests/interop/authlib_token_server.py`) for `clients`.
@@ -356,14 +358,7 @@ async fn the_jwt_bearer_grant_is_accepted_by_oidc_provider() {
     .concat();
     let proxy = world.proxy(&server, &tables, &[("bearer-key.pem", &key_pem)]);
     check(&world, &server, &proxy, &["bearer"]).await;
-    let refused = get(proxy.addr, "/x", &[("x-connector-name", "stranger")]).await;
-    assert_eq!(refused.status, 502, "{refused:?}");
-    assert_eq!(refused.proxy_error().as_deref(), Some("token_unavailable"));
-    assert_eq!(
-        refused.json()["oauth_error"],
-        "invalid_grant",
-        "{refused:?}"
-    );
+    refused(&proxy, "stranger", "invalid_grant").await;
     issued_once_and_sent(&world, &server, "bearer-client");
     let assertions: Vec<String> = server
         .printed()

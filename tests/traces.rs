@@ -217,6 +217,17 @@ fn by_role(spans: &[Span]) -> (Span, Option<Span>, Option<Span>) {
     (server[0].clone(), token, upstream)
 }
 
+/// `connector_proxy_spans_dropped_total{reason="export_failed"}`.
+async fn export_failed(admin: SocketAddr) -> f64 {
+    let samples = metrics::fetch(admin).await;
+    metric(
+        &samples,
+        "connector_proxy_spans_dropped_total",
+        &[("reason", "export_failed")],
+    )
+    .unwrap_or(0.0)
+}
+
 fn telemetry(collector: &Collector, extra: &str) -> String {
     format!(
         "[telemetry]\notlp_endpoint = \"http://{}\"\nservice_name = \"proxy-under-test\"\n{extra}\n",
@@ -609,15 +620,7 @@ async fn failed_exports_are_counted_and_logged_once_and_spans_flow_again_after()
             200
         );
     }
-    let dropped = async || {
-        let samples = metrics::fetch(proxy.admin).await;
-        metric(
-            &samples,
-            "connector_proxy_spans_dropped_total",
-            &[("reason", "export_failed")],
-        )
-        .unwrap_or(0.0)
-    };
+    let dropped = async || export_failed(proxy.admin).await;
     // Three spans and two: five in one or two exports, whichever the batching made.
     assert!(eventually(Duration::from_secs(15), async || dropped().await >= 5.0).await);
     assert_eq!(dropped().await, 5.0);
@@ -738,15 +741,7 @@ async fn an_https_collector_is_verified_like_an_upstream() {
             .status,
         200
     );
-    let dropped = async || {
-        let samples = metrics::fetch(proxy.admin).await;
-        metric(
-            &samples,
-            "connector_proxy_spans_dropped_total",
-            &[("reason", "export_failed")],
-        )
-        .unwrap_or(0.0)
-    };
+    let dropped = async || export_failed(proxy.admin).await;
     assert!(eventually(Duration::from_secs(15), async || dropped().await >= 2.0).await);
     assert!(untrusted.spans().is_empty());
 }

@@ -301,12 +301,6 @@ mod tests {
     use super::*;
 
     fn egress(no_proxy: &[NoProxy]) -> Egress {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
         Egress::new(
             EgressProxy {
                 url: "http://proxy.corp:3128".into(),
@@ -316,7 +310,7 @@ mod tests {
                 auth: None,
             },
             no_proxy.to_vec(),
-            Arc::new(tls),
+            crate::forward::trusting_nothing(),
         )
     }
 
