@@ -26,6 +26,8 @@ pub struct ResourceDomain {
     base_path: String,
     /// Host, and port unless 443: what forwarded requests carry, made once.
     authority: Authority,
+    /// The authority's host, made once: every request's log line names it.
+    host_name: String,
 }
 
 /// Why a resource domain in the configuration is not usable.
@@ -92,10 +94,11 @@ impl ResourceDomain {
         if base.iter().any(ambiguous) {
             return Err(DomainError::AmbiguousPath);
         }
+        let host_name = host.to_string();
         let authority = if port == 443 {
-            host.to_string()
+            host_name.clone()
         } else {
-            format!("{host}:{port}")
+            format!("{host_name}:{port}")
         };
         let authority =
             Authority::try_from(authority).map_err(|e| DomainError::NotUrl(e.to_string()))?;
@@ -105,6 +108,7 @@ impl ResourceDomain {
             base_path: path.to_owned(),
             base,
             authority,
+            host_name,
         })
     }
 
@@ -148,7 +152,7 @@ impl ResourceDomain {
 
     /// The host as requests must name it (an IPv6 address in brackets).
     pub fn host(&self) -> &str {
-        self.authority.host()
+        &self.host_name
     }
 
     pub fn port(&self) -> u16 {

@@ -235,3 +235,17 @@ fn what_is_sent_is_checked_under_the_decoding_reading_too() {
         "https://a.example/v2/a..%3b/x"
     );
 }
+
+#[test]
+fn the_host_is_the_forwarded_authoritys_in_canonical_form() {
+    for (url, host) in [
+        ("https://API.Example.com./v2", "api.example.com"),
+        ("https://10.0.0.1:8443", "10.0.0.1"),
+        ("https://[::1]:8443/x", "[::1]"),
+        ("https://[2001:DB8:0::1]", "[2001:db8::1]"),
+    ] {
+        let domain = ResourceDomain::parse(url).unwrap();
+        assert_eq!(domain.host(), host, "{url}");
+        assert_eq!(domain.host(), domain.authority.host(), "{url}");
+    }
+}
