@@ -6,11 +6,11 @@
 //! lock and a move, no wake-up, so the request never waits for the collector. The exporter
 //! task is woken by the first records after it went idle (and again when a batch is full),
 //! lets more gather for up to [`LINGER`], writes each record's spans in OTLP ([`super::otlp`])
-//! and POSTs them on one kept-alive connection, [`MAX_BATCH`] spans at a time. A full buffer or a failed export
-//! drops spans, counted in `connector_proxy_spans_dropped_total`; there is no retry, as a
-//! trace is worth less than the memory and the collector load a backlog would take. (The log
-//! writer in `telemetry.rs` batches the same way, for the same reason: a channel woke its
-//! reader once per request.)
+//! and POSTs them on one kept-alive connection, [`MAX_BATCH`] spans at a time. A full buffer
+//! or a failed export drops spans, counted in `connector_proxy_spans_dropped_total`; there is
+//! no retry, as a trace is worth less than the memory and the collector load a backlog would
+//! take. (The log writer in `telemetry.rs` batches the same way, for the same reason: a
+//! channel woke its reader once per request.)
 //!
 //! Context is W3C Trace Context: a caller's valid `traceparent` makes the request's span its
 //! child and decides whether it is sampled; otherwise a new trace is sampled at
@@ -402,14 +402,12 @@ impl Record {
             }
         });
         for fetch in span.fetches.iter().flatten() {
-            let child = Span {
-                span_id: &fetch.span_id,
-                name: "oauth token",
-                start_unix_nanos: fetch.start,
-                end_unix_nanos: fetch.end,
-                error: fetch.error.is_some(),
-                ..self.child(root.span_id)
-            };
+            let child = self.child(
+                &fetch.span_id,
+                "oauth token",
+                (fetch.start, fetch.end),
+                fetch.error.is_some(),
+            );
             batch.span(&child, |a| {
                 if let Some(code) = fetch.error {
                     a.text("error.type", code);
@@ -417,15 +415,14 @@ impl Record {
             });
         }
         if let Some(call) = &span.upstream {
-            let child = Span {
-                span_id: &span.upstream_span_id,
-                name: method,
-                start_unix_nanos: call.start,
-                end_unix_nanos: call.end,
-                // Client spans: any 4xx or 5xx is an error.
-                error: call.result.is_err() || call.result.is_ok_and(|status| status >= 400),
-                ..self.child(root.span_id)
-            };
+            // Client spans: any 4xx or 5xx is an error.
+            let error = call.result.is_err() || call.result.is_ok_and(|status| status >= 400);
+            let child = self.child(
+                &span.upstream_span_id,
+                method,
+                (call.start, call.end),
+                error,
+            );
             batch.span(&child, |a| {
                 a.text("http.request.method", method);
                 if let Some((host, port)) = &span.target {
@@ -440,18 +437,24 @@ impl Record {
         }
     }
 
-    /// A child span's shared fields; the rest are the child's own.
-    fn child<'a>(&'a self, parent: &'a [u8; 8]) -> Span<'a> {
+    /// A client span under the request's span, from `start` to `end`.
+    fn child<'a>(
+        &'a self,
+        span_id: &'a [u8; 8],
+        name: &'a str,
+        (start, end): (u64, u64),
+        error: bool,
+    ) -> Span<'a> {
         Span {
             trace_id: &self.span.trace_id,
-            span_id: parent,
-            parent_span_id: Some(parent),
+            span_id,
+            parent_span_id: Some(&self.span.span_id),
             flags: CHILD_FLAGS,
-            name: "",
+            name,
             kind: SpanKind::Client,
-            start_unix_nanos: 0,
-            end_unix_nanos: 0,
-            error: false,
+            start_unix_nanos: start,
+            end_unix_nanos: end,
+            error,
         }
     }
 }
