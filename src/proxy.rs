@@ -247,18 +247,21 @@ impl Proxy {
         if let (Some(tracer), Some(span)) = (&self.tracer, trace.span.take()) {
             let (org, connector) = (trace.org(), trace.connector());
             // Lookups are exact: a found connector's configured names are what was sent.
-            let configured = trace.found.as_ref().map(|c| &c.labels);
+            let (org, connector) = match trace.found.as_ref().map(|c| &c.labels) {
+                Some(labels) => (
+                    Some(trace::Name::Configured(&labels.org)),
+                    Some(trace::Name::Configured(&labels.connector)),
+                ),
+                None => (
+                    org.as_deref().map(trace::Name::Sent),
+                    connector.as_deref().map(trace::Name::Sent),
+                ),
+            };
             let end = Finish {
                 status,
                 error: code,
-                org: match configured {
-                    Some(labels) => Some(trace::Name::Configured(&labels.org)),
-                    None => org.as_deref().map(trace::Name::Sent),
-                },
-                connector: match configured {
-                    Some(labels) => Some(trace::Name::Configured(&labels.connector)),
-                    None => connector.as_deref().map(trace::Name::Sent),
-                },
+                org,
+                connector,
                 request_id: id,
                 token: trace.token,
             };

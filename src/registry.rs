@@ -371,7 +371,7 @@ fn token_identity(c: &ConnectorConfig, client: &OAuthClient) -> Vec<String> {
     identity
 }
 
-/// A host as spans and logs name it: an IPv6 address without its URI brackets.
+/// A host as spans name it: an IPv6 address without its URI brackets.
 fn unbracketed(host: &str) -> &str {
     host.strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
