@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -152,6 +152,16 @@ where
         f(&metric)
     }
 
+    /// The series of `labels`, created where needed, as a handle of its own: counting through it
+    /// takes neither the family's lock nor a hash of the labels. A handle kept past a reload
+    /// that dropped its series counts into nothing.
+    pub fn handle(&self, labels: &S) -> M
+    where
+        M: Clone,
+    {
+        self.with(labels, M::clone)
+    }
+
     /// Runs `f` on every series this family holds.
     pub fn each(&self, mut f: impl FnMut(&S, &M)) {
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -172,6 +182,49 @@ where
             }
             kept
         });
+    }
+}
+
+/// A configured connector's request series, found once and kept by the connector, so that
+/// counting a request hashes no labels. Each is made at its first use, as a lookup by labels
+/// would make it: a connector that served nothing shows no series.
+#[derive(Default)]
+pub struct ConnectorSeries {
+    duration: OnceLock<Histogram>,
+    /// By code; a connector answers with a handful.
+    requests: RwLock<Vec<(Code, Counter)>>,
+}
+
+impl std::fmt::Debug for ConnectorSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectorSeries").finish_non_exhaustive()
+    }
+}
+
+impl ConnectorSeries {
+    /// Counts one request answered with `code` after `seconds`, under `labels` (the
+    /// connector's).
+    pub fn count(&self, metrics: &Metrics, labels: &ConnectorLabels, code: Code, seconds: f64) {
+        self.duration
+            .get_or_init(|| metrics.request_duration.handle(labels))
+            .observe(seconds);
+        {
+            let requests = self.requests.read().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, counter)) = requests.iter().find(|(c, _)| *c == code) {
+                counter.inc();
+                return;
+            }
+        }
+        let counter = metrics.requests.handle(&RequestLabels {
+            org: labels.org.clone(),
+            connector: labels.connector.clone(),
+            code,
+        });
+        counter.inc();
+        let mut requests = self.requests.write().unwrap_or_else(|p| p.into_inner());
+        if !requests.iter().any(|(c, _)| *c == code) {
+            requests.push((code, counter));
+        }
     }
 }
 
@@ -486,6 +539,19 @@ impl Metrics {
             .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
     }
 
+    /// Counts one request that reached no configured connector, answered with `code` after
+    /// `seconds`.
+    pub fn count_unknown(&self, code: Code, seconds: f64) {
+        let labels = ConnectorLabels::unknown();
+        self.request_duration.with(&labels, |h| h.observe(seconds));
+        let counted = RequestLabels {
+            org: labels.org,
+            connector: labels.connector,
+            code,
+        };
+        self.requests.with(&counted, Counter::inc);
+    }
+
     /// The counters an upstream client counts its TLS handshakes in.
     pub fn handshakes(&self) -> Handshakes {
         let counter = |kind| {
@@ -629,5 +695,60 @@ pub fn connector_labels(org: &str, connector: &str) -> ConnectorLabels {
     ConnectorLabels {
         org: org.into(),
         connector: connector.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(metrics: &Metrics, name: &str) -> Vec<String> {
+        let mut lines: Vec<String> = metrics
+            .encode(Format::Text)
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn a_connectors_series_count_each_code_apart_and_a_reload_can_drop_them() {
+        let metrics = Metrics::new();
+        let crm = connector_labels("acme", "crm");
+        let series = ConnectorSeries::default();
+        for code in [
+            Code::Status(200),
+            Code::Error("upstream_timeout"),
+            Code::Status(200),
+            Code::Status(503),
+            Code::Status(200),
+        ] {
+            series.count(&metrics, &crm, code, 0.002);
+        }
+        metrics.count_unknown(Code::Error("unknown_connector"), 0.001);
+        let requests = "connector_proxy_requests_total";
+        assert_eq!(
+            lines_of(&metrics, requests),
+            [
+                r#"connector_proxy_requests_total{org="",connector="",code="unknown_connector"} 1"#,
+                r#"connector_proxy_requests_total{org="acme",connector="crm",code="200"} 3"#,
+                r#"connector_proxy_requests_total{org="acme",connector="crm",code="503"} 1"#,
+                r#"connector_proxy_requests_total{org="acme",connector="crm",code="upstream_timeout"} 1"#,
+            ]
+        );
+        let count = "connector_proxy_request_duration_seconds_count";
+        assert_eq!(
+            lines_of(&metrics, count),
+            [
+                r#"connector_proxy_request_duration_seconds_count{org="",connector=""} 1"#,
+                r#"connector_proxy_request_duration_seconds_count{org="acme",connector="crm"} 5"#,
+            ]
+        );
+        // The handles are the family's series: a reload that drops the connector drops them.
+        metrics.retain_connectors(&|_, _| false);
+        assert_eq!(lines_of(&metrics, requests).len(), 1);
+        assert_eq!(lines_of(&metrics, count).len(), 1);
     }
 }

@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::error::{self, ProxyError};
 use crate::forward::{ReceivedBody, Upstream};
-use crate::metrics::{Code, ConnectorLabels, LimitedLabels, Metrics, RequestLabels};
+use crate::metrics::{Code, ConnectorLabels, LimitedLabels, Metrics};
 use crate::registry::{Connector, Org, Registry};
 use crate::secret;
 use crate::telemetry::trace::{self, Finish, RequestSpan, TRACEPARENT, Tracer};
@@ -230,20 +230,12 @@ impl Proxy {
             .insert(X_REQUEST_ID, request_id.clone());
         let elapsed = started.elapsed();
         let status = response.status().as_u16();
-        let labels = trace
-            .found
-            .as_ref()
-            .map_or_else(ConnectorLabels::unknown, |c| c.labels.clone());
-        let counted = RequestLabels {
-            org: labels.org.clone(),
-            connector: labels.connector.clone(),
-            code: code.map_or(Code::Status(status), Code::Error),
-        };
-        self.metrics.requests.with(&counted, Counter::inc);
+        let counted = code.map_or(Code::Status(status), Code::Error);
         let seconds = elapsed.as_secs_f64();
-        self.metrics
-            .request_duration
-            .with(&labels, |h| h.observe(seconds));
+        match &trace.found {
+            Some(c) => c.series.count(&self.metrics, &c.labels, counted, seconds),
+            None => self.metrics.count_unknown(counted, seconds),
+        }
         if let (Some(tracer), Some(span)) = (&self.tracer, trace.span.take()) {
             let (org, connector) = (trace.org(), trace.connector());
             // Lookups are exact: a found connector's configured names are what was sent.

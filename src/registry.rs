@@ -14,7 +14,7 @@ use crate::credentials::oauth::{Shared, TokenSource};
 use crate::credentials::{Credentials, Placement, api_key, basic_header};
 use crate::forward::{self, Upstream};
 use crate::limits::Limits;
-use crate::metrics::{ConnectorLabels, Metrics, connector_labels};
+use crate::metrics::{ConnectorLabels, ConnectorSeries, Metrics, connector_labels};
 use crate::secret::Secret;
 use crate::target::ResourceDomain;
 
@@ -67,6 +67,8 @@ pub struct Connector {
     pub name: String,
     /// Its org and name as metric labels, made once.
     pub labels: ConnectorLabels,
+    /// Its request series, counted without a lookup by `labels`.
+    pub series: ConnectorSeries,
     pub resource_domain: ResourceDomain,
     /// The resource domain's host without an IPv6 address's brackets, as spans name the
     /// target (`server.address`), made once.
@@ -162,6 +164,7 @@ impl Registry {
                                 }),
                             ),
                             labels,
+                            series: ConnectorSeries::default(),
                             resource_domain: c.resource_domain.clone(),
                             address: unbracketed(c.resource_domain.host()).into(),
                             config: c.clone(),

@@ -748,6 +748,13 @@ async fn a_reload_drops_the_series_of_removed_connectors() {
         metric(&after, "connector_proxy_requests_total", &ok),
         metric(&before, "connector_proxy_requests_total", &ok)
     );
+    // ... and go on counting in them: a kept connector's series handles outlive the reload.
+    get(proxy.addr, "/ok", &[("x-connector-name", "crm")]).await;
+    let later = metrics::fetch(proxy.admin).await;
+    assert_eq!(
+        metric(&later, "connector_proxy_requests_total", &ok),
+        metric(&after, "connector_proxy_requests_total", &ok).map(|n| n + 1.0)
+    );
 }
 
 #[tokio::test]

@@ -26,7 +26,7 @@ pub mod token_client;
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
@@ -48,6 +48,9 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 pub struct TokenSource {
     labels: ConnectorLabels,
     metrics: Arc<Metrics>,
+    /// The `hit` series of the token cache, counted on every request that a cached token
+    /// serves; made at the first hit.
+    hits: OnceLock<Counter>,
     endpoint: TokenEndpoint,
     settings: OAuthSettings,
     state: Mutex<State>,
@@ -142,6 +145,7 @@ impl TokenSource {
         Arc::new(Self {
             labels,
             metrics,
+            hits: OnceLock::new(),
             endpoint,
             settings,
             state: Mutex::new(State::default()),
@@ -160,7 +164,17 @@ impl TokenSource {
     pub async fn authorization(self: &Arc<Self>) -> Result<(HeaderValue, Lookup), CredentialError> {
         let result = self.lookup().await;
         let lookup = result.as_ref().map_or(Lookup::Miss, |(_, l)| *l);
-        self.count_cache(lookup.as_str());
+        match lookup {
+            Lookup::Hit => {
+                let hits = self.hits.get_or_init(|| {
+                    self.metrics
+                        .token_cache
+                        .handle(&self.cache(Lookup::Hit.as_str()))
+                });
+                hits.inc();
+            }
+            Lookup::Miss => self.count_cache(Lookup::Miss.as_str()),
+        }
         result
     }
 
@@ -205,12 +219,18 @@ impl TokenSource {
     }
 
     fn count_cache(&self, result: &'static str) {
-        let labels = CacheLabels {
+        self.metrics
+            .token_cache
+            .with(&self.cache(result), Counter::inc);
+    }
+
+    /// This connector's labels with a token cache `result`.
+    fn cache(&self, result: &'static str) -> CacheLabels {
+        CacheLabels {
             org: self.labels.org.clone(),
             connector: self.labels.connector.clone(),
             result,
-        };
-        self.metrics.token_cache.with(&labels, Counter::inc);
+        }
     }
 
     fn count_request(&self, outcome: &'static str) {
