@@ -31,8 +31,8 @@ use crate::registry::{Connector, Org, Registry};
 use crate::secret;
 use crate::telemetry::trace::{self, Finish, RequestSpan, TRACEPARENT, Tracer};
 use body::{InflightGuard, ResponseBody};
-use headers::{Header, request_id, rewrite_response_headers, single_header, text};
-pub use headers::{X_REQUEST_ID, rewrite_request_headers, strip_hop_by_hop};
+pub use headers::{Dropped, X_REQUEST_ID};
+use headers::{Header, request_id, single_header, text};
 use prometheus_client::metrics::counter::Counter;
 use replay::{Kept, ReplayBudget};
 
@@ -43,6 +43,8 @@ pub struct Routes {
     pub upstream: Upstream,
     connector_header: HeaderName,
     org_header: HeaderName,
+    /// The names a request loses: the configured connector and org headers among them.
+    dropped: Dropped,
 }
 
 pub struct Proxy {
@@ -124,6 +126,7 @@ impl Routes {
             upstream,
             connector_header: config.server.connector_header.clone(),
             org_header: config.server.org_header.clone(),
+            dropped: Dropped::request(&config.server.connector_header, &config.server.org_header),
         }
     }
 }
@@ -339,7 +342,7 @@ impl Routes {
         trace.token = lookup.map(|l| l.as_str());
 
         let (mut parts, body) = request.into_parts();
-        rewrite_request_headers(&mut parts.headers, &self.connector_header, &self.org_header);
+        self.dropped.strip(&mut parts.headers);
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
         parts.uri = target.uri;
         if let Some(span) = &mut trace.span {
@@ -390,7 +393,7 @@ impl Routes {
         }
         let mut response = sent?;
         trace.upstream_ms = Some(upstream_started.elapsed().as_secs_f64() * 1000.0);
-        rewrite_response_headers(response.headers_mut());
+        Dropped::response().strip(response.headers_mut());
         Ok(response)
     }
 }

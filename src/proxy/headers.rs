@@ -3,8 +3,8 @@
 
 use std::borrow::Cow;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, OnceLock};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -34,7 +34,7 @@ pub fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Header<'a
 }
 
 /// Headers that belong to one hop (RFC 9110 7.6.1; HTTP2-Settings, RFC 7540 3.2.1) plus the
-/// proxy's own.
+/// proxy's own. `Connection` first: [`Dropped`] reads its list when it finds it.
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -47,76 +47,107 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("http2-settings"),
 ];
 
-/// Removes hop-by-hop headers, including those the `Connection` header lists.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
+/// The names a request or a response loses on its way through, made once, and those its
+/// `Connection` header lists. A message carries a handful of names and few of these, so
+/// `strip` walks the names present once and removes only what it found, instead of a hashed
+/// lookup for every name that might be there (BENCHMARKS finding 31). A name whose length no
+/// dropped name has is passed by one bit test, without comparing it with the list (finding 35).
+pub struct Dropped {
+    /// `Connection` first; at most 64.
+    names: Vec<HeaderName>,
+    /// Bit `n` set when a name of length `n` (63 for 63 and longer) is in `names`.
+    lengths: u64,
+}
+
+fn length_bit(name: &HeaderName) -> u64 {
+    1 << name.as_str().len().min(63)
+}
+
+impl Dropped {
+    fn new(extra: &[HeaderName]) -> Self {
+        let names: Vec<HeaderName> = HOP_BY_HOP.iter().chain(extra).cloned().collect();
+        assert!(names.len() <= 64, "one bit a name");
+        let lengths = names.iter().fold(0, |bits, name| bits | length_bit(name));
+        Self { names, lengths }
+    }
+
+    /// What never leaves the proxy: hop-by-hop headers, the proxy's own headers (the connector
+    /// and org headers as configured), the caller's `Authorization` (replaced), `Host` (the
+    /// client sets it from the target), forwarding headers (internal addresses stay inside) and
+    /// `Expect` (answered at this hop).
+    pub fn request(connector_header: &HeaderName, org_header: &HeaderName) -> Self {
+        Self::new(&[
+            connector_header.clone(),
+            org_header.clone(),
+            header::AUTHORIZATION,
+            header::HOST,
+            header::FORWARDED,
+            HeaderName::from_static("x-forwarded-for"),
+            header::EXPECT,
+        ])
+    }
+
+    /// What never comes back from the upstream: hop-by-hop headers, `Proxy-Authenticate` (it
+    /// would ask the caller for the proxy's credentials) and `X-Proxy-Error`, which only the
+    /// proxy itself may make, so that a flow can trust it.
+    pub fn response() -> &'static Self {
+        static RESPONSE: LazyLock<Dropped> = LazyLock::new(|| {
+            Dropped::new(&[
+                header::PROXY_AUTHENTICATE,
+                HeaderName::from_static(X_PROXY_ERROR),
+            ])
+        });
+        &RESPONSE
+    }
+
+    /// Removes the names of the set from `headers`, and those its `Connection` header lists.
+    pub fn strip(&self, headers: &mut HeaderMap) {
+        let mut present = 0u64;
+        for key in headers.keys() {
+            if self.lengths & length_bit(key) == 0 {
+                continue;
+            }
+            if let Some(i) = self.names.iter().position(|name| name == key) {
+                present |= 1 << i;
+            }
+        }
+        if present & 1 != 0 {
+            self.strip_listed(headers);
+        }
+        while present != 0 {
+            let i = present.trailing_zeros() as usize;
+            headers.remove(&self.names[i]);
+            present &= present - 1;
+        }
+    }
+
+    /// Removes the names the `Connection` header lists. A listed name of the set goes anyway,
+    /// so it is not parsed (an HTTP/1.1 upstream such as nginx lists `keep-alive` in every
+    /// response).
+    fn strip_listed(&self, headers: &mut HeaderMap) {
+        let mut listed = Vec::new();
+        let tokens = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
+            .map(str::trim);
+        for token in tokens {
+            if self
+                .names
+                .iter()
+                .any(|name| name.as_str().eq_ignore_ascii_case(token))
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                listed.push(name);
+            }
+        }
         for name in &listed {
             headers.remove(name);
         }
     }
-    remove_present(headers, &HOP_BY_HOP.each_ref());
-}
-
-/// Removes `names` from `headers`. A request carries a handful of names and few of these, so
-/// one pass over the names present, compared with each of `names`, replaces a hashed lookup
-/// for every name that might be there (BENCHMARKS finding 31). At most 64 names.
-fn remove_present(headers: &mut HeaderMap, names: &[&HeaderName]) {
-    debug_assert!(names.len() <= 64);
-    let mut present = 0u64;
-    for key in headers.keys() {
-        if let Some(i) = names.iter().position(|name| *name == key) {
-            present |= 1 << i;
-        }
-    }
-    while present != 0 {
-        let i = present.trailing_zeros() as usize;
-        headers.remove(names[i]);
-        present &= present - 1;
-    }
-}
-
-/// What never leaves the proxy: hop-by-hop headers, the proxy's own headers, the caller's
-/// `Authorization` (replaced), `Host` (the client sets it from the target), forwarding
-/// headers (internal addresses stay inside) and `Expect` (answered at this hop).
-pub fn rewrite_request_headers(
-    headers: &mut HeaderMap,
-    connector_header: &HeaderName,
-    org_header: &HeaderName,
-) {
-    strip_hop_by_hop(headers);
-    remove_present(
-        headers,
-        &[
-            connector_header,
-            org_header,
-            &header::AUTHORIZATION,
-            &header::HOST,
-            &header::FORWARDED,
-            &HeaderName::from_static("x-forwarded-for"),
-            &header::EXPECT,
-        ],
-    );
-}
-
-/// What never comes back from the upstream: hop-by-hop headers, `Proxy-Authenticate` (it
-/// would ask the caller for the proxy's credentials) and `X-Proxy-Error`, which only the proxy
-/// itself may make, so that a flow can trust it.
-pub fn rewrite_response_headers(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    remove_present(
-        headers,
-        &[
-            &header::PROXY_AUTHENTICATE,
-            &HeaderName::from_static(X_PROXY_ERROR),
-        ],
-    );
 }
 
 /// The caller's `X-Request-Id` when it is a short printable token, else a new one. Made once
@@ -132,8 +163,19 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let seed = *SEED.get_or_init(|| RandomState::new().hash_one(std::process::id()));
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let id = format!("{:016x}", splitmix64(seed.wrapping_add(n)));
-    HeaderValue::try_from(id).expect("hex digits are a valid header value")
+    let id = hex16(splitmix64(seed.wrapping_add(n)));
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
+}
+
+/// `x` as 16 lowercase hex digits, as `format!("{x:016x}")` writes it, without `core::fmt`
+/// (700 instructions a request; BENCHMARKS finding 35).
+fn hex16(x: u64) -> [u8; 16] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0; 16];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = DIGITS[(x >> (60 - 4 * i)) as usize & 0xf];
+    }
+    hex
 }
 
 /// A bijective mixer: distinct counters give distinct ids that do not look sequential.
@@ -159,7 +201,7 @@ mod tests {
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        strip_hop_by_hop(&mut headers);
+        Dropped::response().strip(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert!(headers.contains_key(header::ACCEPT));
     }
@@ -193,10 +235,54 @@ mod tests {
         }
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
-        rewrite_request_headers(&mut headers, &connector, &org);
+        Dropped::request(&connector, &org).strip(&mut headers);
         let mut left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["accept", "x-kept"], "{headers:?}");
+    }
+
+    #[test]
+    fn names_of_a_dropped_length_stay_unless_listed_and_long_names_are_matched_in_full() {
+        // Lengths the sets hold: content-length (14) as http2-settings, x-forwarded-fox (15) as
+        // x-forwarded-for; a configured name of 70 characters shares bit 63 with one of 64.
+        let long = "x-".to_owned() + &"c".repeat(68);
+        let long_other = "x-".to_owned() + &"c".repeat(62);
+        let connector = HeaderName::from_bytes(long.as_bytes()).unwrap();
+        let org = HeaderName::from_static("x-org-id");
+        let mut headers = HeaderMap::new();
+        for name in [
+            "content-length",
+            "x-forwarded-fox",
+            &long,
+            &long_other,
+            "x-hop",
+        ] {
+            headers.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+        }
+        // Listed: a name of the set (nothing to parse), one of no set, in any case.
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Keep-Alive , X-Hop"),
+        );
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        Dropped::request(&connector, &org).strip(&mut headers);
+        let mut left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            ["content-length", long_other.as_str(), "x-forwarded-fox"],
+            "{headers:?}"
+        );
+    }
+
+    #[test]
+    fn generated_ids_are_sixteen_hex_digits_as_format_writes_them() {
+        for x in [0, 1, 0xf, 0x0123_4567_89ab_cdef, u64::MAX, splitmix64(7)] {
+            assert_eq!(hex16(x), format!("{x:016x}").as_bytes(), "{x:x}");
+        }
     }
 
     #[test]
@@ -223,7 +309,7 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        rewrite_response_headers(&mut headers);
+        Dropped::response().strip(&mut headers);
         let left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["www-authenticate"], "{headers:?}");
     }
