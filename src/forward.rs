@@ -4,6 +4,7 @@
 
 pub mod connect;
 pub mod egress;
+pub mod hosts;
 pub mod http1;
 pub mod http2;
 pub mod policy;

@@ -21,6 +21,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::egress::{Egress, Transport};
+use super::hosts::Hosts;
 use super::policy::AddressPolicy;
 use crate::metrics::Handshakes;
 
@@ -82,7 +83,7 @@ struct Inner {
     timeout: Duration,
     /// `upstream.max_connections_per_host`: one semaphore per authority, a permit held by each
     /// connection for its life.
-    slots: Mutex<HashMap<Authority, Arc<Semaphore>>>,
+    slots: Hosts<Semaphore>,
     per_host: usize,
     handshakes: Handshakes,
     egress: Option<Egress>,
@@ -108,7 +109,7 @@ impl UpstreamConnector {
                 policy: settings.policy,
                 pins: settings.pins,
                 timeout: settings.timeout,
-                slots: Mutex::default(),
+                slots: Hosts::default(),
                 per_host: settings.per_host.max(1),
                 handshakes: settings.handshakes,
                 egress: settings.egress,
@@ -189,11 +190,8 @@ impl Inner {
             .authority()
             .cloned()
             .unwrap_or_else(|| Authority::from_static("-"));
-        let mut slots = self.slots.lock().expect("slots lock");
-        slots
-            .entry(authority)
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_host)))
-            .clone()
+        self.slots
+            .get_or_insert_with(&authority, || Semaphore::new(self.per_host))
     }
 
     async fn connect(

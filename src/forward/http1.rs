@@ -6,15 +6,15 @@
 //! authority when its response body has ended, straight to the longest-waiting caller if there
 //! is one, and no more than `upstream.max_connections_per_host` are ever open.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri, Version, header};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
@@ -23,10 +23,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::Instant;
 
 use super::connect::{ConnectError, UpstreamConnector, UpstreamStream};
+use super::hosts::Hosts;
 use super::{ForwardError, UpstreamBody};
 
 pub struct Http1Pool {
-    hosts: Mutex<HashMap<Authority, Arc<Host>>>,
+    hosts: Hosts<Host>,
     connector: UpstreamConnector,
     idle_timeout: Duration,
 }
@@ -38,6 +39,8 @@ struct Host {
     /// Connection slots, shared with the HTTP/2 pool through the connector.
     slots: Arc<Semaphore>,
     state: Mutex<State>,
+    /// Its sweeper task runs (started with its first connection).
+    swept: AtomicBool,
 }
 
 #[derive(Default)]
@@ -54,10 +57,10 @@ struct Idle {
     since: Instant,
 }
 
-/// One connection's request handle.
+/// One connection's request handle; dropping it (with no response under way) closes the
+/// connection.
 struct Pooled {
     send: SendRequest<UpstreamBody>,
-    id: u64,
 }
 
 /// What a caller got: a connection of the pool, or a new stream on which the server chose
@@ -73,7 +76,7 @@ const UNSENT_RETRIES: usize = 4;
 impl Http1Pool {
     pub fn new(connector: UpstreamConnector, idle_timeout: Duration) -> Self {
         Self {
-            hosts: Mutex::default(),
+            hosts: Hosts::default(),
             connector,
             idle_timeout,
         }
@@ -130,22 +133,19 @@ impl Http1Pool {
         let Some(authority) = uri.authority() else {
             return Err(ConnectError::NotHttps.into());
         };
-        let mut hosts = self.hosts.lock().expect("pool lock");
-        if let Some(host) = hosts.get(authority) {
-            return Ok(host.clone());
-        }
-        let header = match uri.port_u16() {
-            Some(443) | None => HeaderValue::from_str(authority.host()),
-            Some(_) => HeaderValue::from_str(authority.as_str()),
-        }
-        .expect("an authority is a valid header value");
-        let host = Arc::new(Host {
-            header,
-            slots: self.connector.slots(uri),
-            state: Mutex::default(),
-        });
-        hosts.insert(authority.clone(), host.clone());
-        Ok(host)
+        Ok(self.hosts.get_or_insert_with(authority, || {
+            let header = match uri.port_u16() {
+                Some(443) | None => HeaderValue::from_str(authority.host()),
+                Some(_) => HeaderValue::from_str(authority.as_str()),
+            }
+            .expect("an authority is a valid header value");
+            Host {
+                header,
+                slots: self.connector.slots(uri),
+                state: Mutex::default(),
+                swept: AtomicBool::new(false),
+            }
+        }))
     }
 
     /// The connection the HTTP/2 pool parked; else an idle connection that is still open and
@@ -217,31 +217,30 @@ impl Http1Pool {
         let (send, connection) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(failure)?;
-        static IDS: AtomicU64 = AtomicU64::new(0);
-        let id = IDS.fetch_add(1, Ordering::Relaxed);
-        let host = Arc::downgrade(host);
-        let idle_timeout = self.idle_timeout;
+        if !host.swept.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(host), self.idle_timeout));
+        }
         let authority = uri.authority().map(ToString::to_string).unwrap_or_default();
+        // No timer of its own: polled on every read and write, one would cost each request a
+        // poll of it (BENCHMARKS finding 35). The host's sweeper closes it when idle.
         super::spawn_queued_last(async move {
-            let mut connection = std::pin::pin!(connection);
-            let mut check = tokio::time::interval(idle_timeout / 4);
-            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let result = loop {
-                tokio::select! {
-                    result = connection.as_mut() => break result,
-                    // Idle for long: out of the stack, and its handle dropped, which closes it.
-                    _ = check.tick() => {
-                        if let Some(host) = host.upgrade() {
-                            host.expire(id, idle_timeout);
-                        }
-                    }
-                }
-            };
-            if let Err(e) = result {
+            if let Err(e) = connection.await {
                 tracing::debug!(%authority, error = %e, "upstream HTTP/1.1 connection ended");
             }
         });
-        Ok(Pooled { send, id })
+        Ok(Pooled { send })
+    }
+}
+
+/// Closes `host`'s connections once idle for `idle_timeout`, looking every quarter of it,
+/// until the host is gone (a reload replaced the pool).
+async fn sweep(host: Weak<Host>, idle_timeout: Duration) {
+    let mut check = tokio::time::interval(idle_timeout / 4);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        check.tick().await;
+        let Some(host) = host.upgrade() else { return };
+        host.expire(idle_timeout);
     }
 }
 
@@ -301,18 +300,20 @@ impl Host {
         });
     }
 
-    /// Drops connection `id` if it has been idle for `idle_timeout`.
-    fn expire(&self, id: u64, idle_timeout: Duration) {
-        let expired = {
+    /// Drops the connections idle for `idle_timeout`, which closes them.
+    fn expire(&self, idle_timeout: Duration) {
+        let expired: Vec<Idle> = {
             let mut state = self.state.lock().expect("host lock");
-            let at = state
+            // Oldest first: the stack gives back its most recently used last.
+            let fresh = state
                 .idle
                 .iter()
-                .position(|idle| idle.conn.id == id && idle.since.elapsed() >= idle_timeout);
-            at.map(|at| state.idle.remove(at))
+                .position(|idle| idle.since.elapsed() < idle_timeout)
+                .unwrap_or(state.idle.len());
+            state.idle.drain(..fresh).collect()
         };
-        if expired.is_some() {
-            tracing::debug!("closing an idle upstream connection");
+        if !expired.is_empty() {
+            tracing::debug!(closed = expired.len(), "closing idle upstream connections");
         }
     }
 }
@@ -381,5 +382,58 @@ impl Drop for Http1Body {
         if self.is_end_stream() {
             self.give_back();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection of the pool over an in-memory pipe whose far end stays open but silent,
+    /// and its task, which ends when the connection closes.
+    async fn pooled() -> (Pooled, tokio::task::JoinHandle<()>) {
+        let (near, far) = tokio::io::duplex(1024);
+        let (send, connection) = http1::handshake(TokioIo::new(near)).await.unwrap();
+        let task = tokio::spawn(async move {
+            let _far = far;
+            let _ = connection.await;
+        });
+        (Pooled { send }, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_closes_connections_idle_for_the_timeout_and_keeps_fresher_ones() {
+        let host = Arc::new(Host {
+            header: HeaderValue::from_static("crm.example.com"),
+            slots: Arc::new(Semaphore::new(4)),
+            state: Mutex::default(),
+            swept: AtomicBool::new(true),
+        });
+        let limit = Duration::from_secs(90);
+        let sweeper = tokio::spawn(sweep(Arc::downgrade(&host), limit));
+        let (old, old_task) = pooled().await;
+        host.give_back(old);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let (fresh, fresh_task) = pooled().await;
+        host.give_back(fresh);
+        // The sweeper looks every 22.5 s: at 112.5 s the first has been idle past the limit,
+        // the second for 52.5 s.
+        tokio::time::sleep(Duration::from_secs(53)).await;
+        tokio::time::timeout(Duration::from_secs(1), old_task)
+            .await
+            .expect("the connection idle for 112.5 s is closed")
+            .unwrap();
+        assert!(!fresh_task.is_finished());
+        assert_eq!(host.state.lock().unwrap().idle.len(), 1);
+        // The host gone (a reload), its connections close and its sweeper ends.
+        drop(host);
+        tokio::time::timeout(Duration::from_secs(1), fresh_task)
+            .await
+            .expect("a dropped host's connections close")
+            .unwrap();
+        tokio::time::timeout(limit, sweeper)
+            .await
+            .expect("the sweeper of a dropped host ends")
+            .unwrap();
     }
 }

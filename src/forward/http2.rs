@@ -8,7 +8,6 @@
 //! Authorities are those of the configured resource domains, token and validation URLs, so the
 //! map stays small.
 
-use std::collections::HashMap;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +24,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::task::AbortHandle;
 
 use super::connect::{ConnectError, UpstreamConnector, UpstreamStream};
+use super::hosts::Hosts;
 use super::{ForwardError, UpstreamBody};
 use crate::body::BoxError;
 
@@ -37,7 +37,7 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 const INITIAL_MAX_SEND_STREAMS: usize = 100;
 
 pub struct Http2Pool {
-    hosts: Mutex<HashMap<Authority, Arc<Host>>>,
+    hosts: Hosts<Host>,
     connector: UpstreamConnector,
     idle_timeout: Duration,
 }
@@ -97,7 +97,7 @@ impl Http2Pool {
 
     pub fn new(connector: UpstreamConnector, idle_timeout: Duration) -> Self {
         Self {
-            hosts: Mutex::default(),
+            hosts: Hosts::default(),
             connector,
             idle_timeout,
         }
@@ -110,13 +110,7 @@ impl Http2Pool {
         let Some(authority) = uri.authority() else {
             return Err(ConnectError::NotHttps.into());
         };
-        let host = {
-            let mut hosts = self.hosts.lock().expect("pool lock");
-            match hosts.get(authority) {
-                Some(host) => host.clone(),
-                None => hosts.entry(authority.clone()).or_default().clone(),
-            }
-        };
+        let host = self.hosts.get_or_insert_with(authority, Host::default);
         if let Some(route) = host.pick(self.max_connections()) {
             return Ok(route);
         }
@@ -164,10 +158,7 @@ impl Http2Pool {
         let Some(authority) = uri.authority() else {
             return Err(ConnectError::NotHttps.into());
         };
-        let host = {
-            let mut hosts = self.hosts.lock().expect("pool lock");
-            hosts.entry(authority.clone()).or_default().clone()
-        };
+        let host = self.hosts.get_or_insert_with(authority, Host::default);
         host.http1.store(false, Ordering::Relaxed);
         Box::pin(self.establish(authority, &host, stream)).await
     }
