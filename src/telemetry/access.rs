@@ -196,6 +196,9 @@ impl Visit for Fields<'_> {
         if !self.name(field) {
             return;
         }
+        if write_thousandths(self.line, value) {
+            return;
+        }
         if self.json {
             // serde_json's own number form (and `null` where JSON has no number).
             let _ = serde_json::to_writer(Adaptor(self.line), &value);
@@ -285,6 +288,39 @@ fn json_key(line: &mut String, name: &str) {
         line.pop();
         line.remove(start);
     }
+}
+
+/// Writes `value` when it is a whole number of thousandths below 2^33 (the line's times: milliseconds
+/// to the microsecond), and says whether it did. Such a value is the double nearest its
+/// decimal, and doubles below 2^33 lie less than 2^-19 apart, so no other decimal of three places
+/// or fewer reads back as it: its shortest form, which `f64`'s `Debug` and serde_json both
+/// write, is that decimal, with at least one fractional digit. Grisu's search for it took 900
+/// instructions a value (BENCHMARKS finding 35).
+fn write_thousandths(line: &mut String, value: f64) -> bool {
+    let thousandths = (value * 1000.0).round();
+    if value.is_sign_negative()
+        || !(0.0..8_589_934_592_000.0).contains(&thousandths)
+        || thousandths / 1000.0 != value
+    {
+        return false;
+    }
+    // In range and whole, so the cast is exact.
+    let thousandths = thousandths as u64;
+    write_u64(line, thousandths / 1000);
+    line.push('.');
+    let mut fraction = thousandths % 1000;
+    let mut places = 3;
+    while places > 1 && fraction % 10 == 0 {
+        fraction /= 10;
+        places -= 1;
+    }
+    let digits = [fraction / 100, fraction / 10 % 10, fraction % 10];
+    line.extend(
+        digits[3 - places..]
+            .iter()
+            .map(|&d| char::from(b'0' + d as u8)),
+    );
+    true
 }
 
 fn write_u64(line: &mut String, value: u64) {
@@ -518,6 +554,39 @@ mod tests {
         }
         assert_eq!(stock.lines().count(), 8, "{stock}");
         assert_eq!(ours, stock);
+    }
+
+    #[test]
+    fn thousandths_are_written_as_debug_and_serde_json_write_them_and_other_values_are_left() {
+        let shortest = |value: f64| {
+            let mut line = String::new();
+            write_thousandths(&mut line, value).then_some(line)
+        };
+        // Every value to 1 s, then a spread to the limit (2^33 ms, 99 days).
+        let medium = (1_000_000..100_000_000u64).step_by(997);
+        let large = (100_000_000..8_589_934_592_000u64).step_by(7_919_999_993);
+        for n in (0..1_000_000)
+            .chain(medium)
+            .chain(large)
+            .chain([8_589_934_591_999])
+        {
+            let value = n as f64 / 1000.0;
+            let debug = format!("{value:?}");
+            assert_eq!(shortest(value).as_deref(), Some(debug.as_str()), "{n}");
+            assert_eq!(serde_json::to_string(&value).unwrap(), debug, "{n}");
+        }
+        for value in [
+            0.1234,
+            1.0005,
+            -1.0,
+            -0.0,
+            8_589_934_592.0,
+            f64::NAN,
+            f64::INFINITY,
+            2.0f64.powi(-30),
+        ] {
+            assert_eq!(shortest(value), None, "{value:?}");
+        }
     }
 
     #[test]
