@@ -310,7 +310,7 @@ fn write_thousandths(line: &mut String, value: f64) -> bool {
     line.push('.');
     let mut fraction = thousandths % 1000;
     let mut places = 3;
-    while places > 1 && fraction % 10 == 0 {
+    while places > 1 && fraction.is_multiple_of(10) {
         fraction /= 10;
         places -= 1;
     }
