@@ -303,7 +303,12 @@ impl RequestSpan {
         hex(&self.upstream_span_id, &mut text[36..52]);
         text[52] = b'-';
         hex(&[if self.sampled { SAMPLED } else { 0 }], &mut text[53..55]);
-        HeaderValue::from_bytes(&text).expect("hex and dashes are a valid header value")
+        let mut value =
+            HeaderValue::from_bytes(&text).expect("hex and dashes are a valid header value");
+        // New for every request: never indexed by HPACK, as the request id is (BENCHMARKS
+        // finding 36).
+        value.set_sensitive(true);
+        value
     }
 
     /// The request's target, once the target rule let it through: host and port
@@ -767,6 +772,20 @@ mod tests {
         assert_eq!(counters.dropped_queue_full.get(), 7);
         assert_eq!(tracer.queue.lock().spans, PENDING_LIMIT);
         assert_eq!(tracer.queue.lock().records.len(), PENDING_LIMIT);
+    }
+
+    #[tokio::test]
+    async fn the_upstreams_traceparent_names_the_upstream_call_and_is_never_indexed() {
+        let (tracer, _) = tracer(1.0);
+        let span = tracer.begin(&Method::GET, &HeaderMap::new());
+        let value = span.traceparent();
+        let parsed = parse_traceparent(value.as_bytes()).expect("a valid traceparent");
+        assert_eq!(parsed.trace_id, span.trace_id);
+        assert_eq!(parsed.span_id, span.upstream_span_id);
+        assert!(
+            value.is_sensitive(),
+            "new every request: kept out of HPACK's table"
+        );
     }
 
     #[tokio::test]
