@@ -29,6 +29,7 @@ use crate::forward::{ReceivedBody, Upstream};
 use crate::metrics::{Code, ConnectorLabels, LimitedLabels, Metrics};
 use crate::registry::{Connector, Org, Registry};
 use crate::secret;
+use crate::telemetry::access;
 use crate::telemetry::trace::{self, Finish, RequestSpan, TRACEPARENT, Tracer};
 use body::{InflightGuard, ResponseBody};
 pub use headers::{Dropped, X_REQUEST_ID};
@@ -262,21 +263,23 @@ impl Proxy {
             };
             tracer.finish(span, end);
         }
-        tracing::info!(
-            target: crate::telemetry::access::TARGET,
-            request_id = %id,
-            org = trace.org().as_deref().unwrap_or("-"),
-            connector = trace.connector().as_deref().unwrap_or("-"),
-            method = %method,
-            host = trace.found.as_ref().map_or("-", |c| c.resource_domain.host()),
+        let (org, connector) = (trace.org(), trace.connector());
+        access::log(|| access::Line {
+            request_id: id,
+            org: org.as_deref().unwrap_or("-"),
+            connector: connector.as_deref().unwrap_or("-"),
+            method: method.as_str(),
+            host: trace
+                .found
+                .as_ref()
+                .map_or("-", |c| c.resource_domain.host()),
             status,
-            error = code.unwrap_or("-"),
-            detail = detail.as_deref().unwrap_or("-"),
-            token = trace.token.unwrap_or("-"),
-            upstream_ms = trace.upstream_ms.unwrap_or(0.0),
-            duration_ms = millis(elapsed),
-            "request"
-        );
+            error: code.unwrap_or("-"),
+            detail: detail.as_deref().unwrap_or("-"),
+            token: trace.token.unwrap_or("-"),
+            upstream_ms: trace.upstream_ms.unwrap_or(0.0),
+            duration_ms: millis(elapsed),
+        });
         response
     }
 }
