@@ -104,10 +104,10 @@ impl Line<'_> {
         if json {
             line.push_str("{\"timestamp\":\"");
             // Digits, dashes, colons and a dot: nothing to escape.
-            write_time(line, at);
+            let _ = write_utc(&mut Writer::new(line), at);
             line.push_str("\",\"level\":\"INFO\",\"message\":\"request\"");
         } else {
-            write_time(line, at);
+            let _ = write_utc(&mut Writer::new(line), at);
             line.push_str("  INFO request");
         }
         let mut fields = Fields { line, json };
@@ -180,17 +180,6 @@ impl Fields<'_> {
             let _ = serde_json::to_writer(Adaptor(self.line), &value);
         } else {
             let _ = write!(self.line, "{value:?}");
-        }
-    }
-}
-
-/// The wall clock at `at` as [`Utc`] writes it.
-fn write_time(line: &mut String, at: SystemTime) {
-    match utc(at) {
-        // Digits and punctuation: ASCII.
-        Some(text) => line.extend(text.iter().map(|&b| char::from(b))),
-        None => {
-            let _ = write_utc(&mut Writer::new(line), at);
         }
     }
 }
