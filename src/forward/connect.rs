@@ -186,12 +186,11 @@ impl UpstreamConnector {
 
 impl Inner {
     fn slot(&self, uri: &Uri) -> Arc<Semaphore> {
-        let authority = uri
-            .authority()
-            .cloned()
-            .unwrap_or_else(|| Authority::from_static("-"));
+        let none = Authority::from_static("-");
         self.slots
-            .get_or_insert_with(&authority, || Semaphore::new(self.per_host))
+            .get_or_insert_with(uri.authority().unwrap_or(&none), || {
+                Semaphore::new(self.per_host)
+            })
     }
 
     async fn connect(
