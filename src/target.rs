@@ -10,6 +10,7 @@
 //! written `%3b`) are ignored when spotting dot-segments, as Tomcat does). The forwarded path has its
 //! dot-segments removed, so an upstream that normalises again cannot climb out either.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use http::uri::{Authority, Parts, PathAndQuery, Scheme, Uri};
@@ -128,15 +129,20 @@ impl ResourceDomain {
                 "the target must be an absolute https URL or a path starting with '/'",
             ));
         };
-        let joined;
+        // One buffer for the path and the query, sized for both: the path is copied once.
+        let query = target.query();
+        let room = query.map_or(0, |q| q.len() + 1);
         let path = if path.is_empty() {
-            joined = format!("{}{}", self.base_path, target.path());
-            joined.as_str()
+            let mut joined =
+                String::with_capacity(self.base_path.len() + target.path().len() + room);
+            joined.push_str(&self.base_path);
+            joined.push_str(target.path());
+            Cow::Owned(joined)
         } else {
-            path
+            Cow::Borrowed(path)
         };
-        let mut path_and_query = self.check_path(path)?;
-        if let Some(query) = target.query() {
+        let mut path_and_query = self.check_path(path, room)?;
+        if let Some(query) = query {
             path_and_query.push('?');
             path_and_query.push_str(query);
         }
@@ -186,15 +192,35 @@ impl ResourceDomain {
         Ok(())
     }
 
-    /// Returns the path to forward: dot-segments removed, otherwise byte for byte as sent.
-    fn check_path(&self, path: &str) -> Result<String, TargetError> {
-        let literal = remove_dot_segments(path.split('/').skip(1), |s| s);
-        if !starts_with_segments(&literal.segments, &self.base) {
-            return Err(TargetError::Outside(
-                "the target's path is not under the resource domain's path",
-            ));
+    /// Returns the path to forward: dot-segments removed, otherwise byte for byte as sent, with
+    /// `room` spare bytes for the query.
+    fn check_path(&self, path: Cow<'_, str>, room: usize) -> Result<String, TargetError> {
+        // Most paths have no dot-segment and nothing a decoding server reads another way: their
+        // segments are the literal ones, and they go as sent (BENCHMARKS finding 39).
+        if is_plain(&path) {
+            if !starts_with_segments(path.split('/').skip(1), &self.base) {
+                return Err(OUTSIDE_BASE);
+            }
+            return Ok(match path {
+                Cow::Owned(path) => path,
+                Cow::Borrowed(path) => {
+                    let mut owned = String::with_capacity(path.len() + room);
+                    owned.push_str(path);
+                    owned
+                }
+            });
         }
-        let mut out = String::with_capacity(path.len());
+        self.check_path_literally(&path, room)
+    }
+
+    /// [`check_path`](Self::check_path) for any path: the literal reading, and the decoding one
+    /// where they may differ.
+    fn check_path_literally(&self, path: &str, room: usize) -> Result<String, TargetError> {
+        let literal = remove_dot_segments(path.split('/').skip(1), |s| s);
+        if !starts_with_segments(literal.segments.iter().copied(), &self.base) {
+            return Err(OUTSIDE_BASE);
+        }
+        let mut out = String::with_capacity(path.len() + room);
         for segment in &literal.segments {
             out.push('/');
             out.push_str(segment);
@@ -223,7 +249,7 @@ impl ResourceDomain {
         let lenient = remove_dot_segments(decoded.split('/').skip(1), |s| {
             s.split(';').next().unwrap_or("")
         });
-        starts_with_segments(&lenient.segments, &self.base)
+        starts_with_segments(lenient.segments.iter().copied(), &self.base)
     }
 }
 
@@ -356,8 +382,21 @@ fn decode_separators(path: &str) -> String {
     out
 }
 
-fn starts_with_segments(path: &[&str], base: &[String]) -> bool {
-    path.len() >= base.len() && path.iter().zip(base).all(|(p, b)| *p == b.as_str())
+fn starts_with_segments<'a>(path: impl IntoIterator<Item = &'a str>, base: &[String]) -> bool {
+    let mut path = path.into_iter();
+    base.iter().all(|b| path.next() == Some(b.as_str()))
+}
+
+const OUTSIDE_BASE: TargetError =
+    TargetError::Outside("the target's path is not under the resource domain's path");
+
+/// A path whose segments are all literal: it starts with `/`, no segment is a dot-segment, and
+/// it has none of the bytes (`%`, `\`, `;`) by which a decoding server could read other segments.
+/// Removing dot-segments gives such a path back unchanged.
+fn is_plain(path: &str) -> bool {
+    path.starts_with('/')
+        && !path.bytes().any(|b| matches!(b, b'%' | b'\\' | b';'))
+        && path.split('/').all(|segment| dot_kind(segment) == 0)
 }
 
 #[cfg(test)]

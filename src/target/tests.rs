@@ -249,3 +249,69 @@ fn the_host_is_the_forwarded_authoritys_in_canonical_form() {
         assert_eq!(domain.host(), domain.authority.host(), "{url}");
     }
 }
+
+mod plain_paths {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn plain_means_no_dot_segment_and_nothing_decoded() {
+        for path in [
+            "/",
+            "/v2/contacts",
+            "/a//b/",
+            "/file.json",
+            "/.well-known",
+            "/a.../b",
+        ] {
+            assert!(is_plain(path), "{path}");
+        }
+        for path in [
+            "", "v2", "/.", "/a/../b", "/%2e/", "/a/..", "/a%2fb", "/a;x", "/a\\b",
+        ] {
+            assert!(!is_plain(path), "{path}");
+        }
+    }
+
+    fn segment() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "", ".", "..", "...", ".a", "a.", "%2e", "%2E.", "v2", "a", "b", "x.json", ";", "a;b",
+            "\\", "%2f", "%5c", "~", "..%2f..", "a%2f..", "..%5c..", "..\\..", "..;", "..%3b",
+        ])
+    }
+
+    proptest! {
+        // Cheap cases: many of them.
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// The shortcut for plain paths answers what the literal reading answers.
+        #[test]
+        fn a_plain_path_is_checked_as_the_literal_reading_checks_it(
+            base in prop::sample::select(vec!["", "v2", "a", "a/b"]),
+            segments in prop::collection::vec(segment(), 0..5),
+            slash in any::<bool>(),
+            lead in any::<bool>(),
+        ) {
+            // Most often under a domain's base, where a climb out of it can begin.
+            let mut path = base.to_owned();
+            for segment in segments {
+                path.push('/');
+                path.push_str(segment);
+            }
+            if lead {
+                path.insert(0, '/');
+            }
+            if slash {
+                path.push('/');
+            }
+            for text in ["https://api.example.com/v2", "https://api.example.com", "https://h.test/a/b"] {
+                let domain = domain(text);
+                prop_assert_eq!(
+                    domain.check_path(Cow::Borrowed(&path), 0),
+                    domain.check_path_literally(&path, 0),
+                    "{} under {}", path, text
+                );
+            }
+        }
+    }
+}
