@@ -60,6 +60,8 @@ struct Host {
     connecting: tokio::sync::Mutex<Option<(Instant, ForwardError)>>,
     /// The server chose HTTP/1.1: its requests go to the HTTP/1.1 pool.
     http1: AtomicBool,
+    /// A sweeper closes the host's idle connections (started with its first connection).
+    swept: AtomicBool,
 }
 
 /// A handle to one live connection: its own clone of the connection's `SendRequest` (a handle
@@ -200,7 +202,7 @@ impl Http2Pool {
         let mut ping = connection
             .ping_pong()
             .expect("a new connection has its ping handle");
-        super::spawn_queued_last(drive(connection, watch, self.idle_timeout));
+        super::spawn_queued_last(drive(connection, watch));
         // The server's SETTINGS come before its answer to a PING. Until they are in, h2 assumes
         // a limit of 100 concurrent streams: a burst could overrun a lower one and be refused.
         let timeout = self.connector.timeout();
@@ -222,6 +224,9 @@ impl Http2Pool {
             }
         }
         host.conns.lock().expect("host lock").push(conn.clone());
+        if !host.swept.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(host), self.idle_timeout));
+        }
         Ok(conn)
     }
 }
@@ -250,41 +255,39 @@ impl Host {
 /// Runs a connection until it ends: the server closed it, it failed, or its host let go of it
 /// (going away, idle for `idle_timeout`, or the pool dropped after a reload) and its last
 /// stream is done. It holds no request handle itself: h2 closes the connection once the last
-/// handle is dropped and no stream is left.
-async fn drive(
-    connection: h2::client::Connection<UpstreamStream, Bytes>,
-    conn: Watch,
-    idle_timeout: Duration,
-) {
-    let mut connection = std::pin::pin!(connection);
-    let mut opened = 0;
-    let mut idle_since = None;
-    let mut check = tokio::time::interval(idle_timeout / 4);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let result = loop {
-        tokio::select! {
-            result = connection.as_mut() => break result,
-            _ = check.tick() => {
-                // In use: a stream was opened since the last look, or a request or a response
-                // body holds a count besides this task and the host.
-                let now_opened = conn.state.opened.load(Ordering::Relaxed);
-                if Arc::strong_count(&conn.state) > 2 || now_opened != opened {
-                    opened = now_opened;
-                    idle_since = None;
-                } else if idle_since.get_or_insert_with(tokio::time::Instant::now).elapsed()
-                    >= idle_timeout
-                {
-                    tracing::debug!("closing an idle upstream connection");
-                    conn.forget();
-                }
-            }
-        }
-    };
+/// handle is dropped and no stream is left. It has no timer of its own: woken for every frame,
+/// it polled one each time (350 instructions a request); the host's sweeper looks instead.
+async fn drive<T>(connection: h2::client::Connection<T, Bytes>, conn: Watch)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let result = connection.await;
     conn.state.ended.store(true, Ordering::Relaxed);
     conn.forget();
     if let Err(e) = result {
         tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
     }
+}
+
+/// Every quarter of `idle_timeout`, lets go of the host's connections that have been idle for
+/// `idle_timeout`: no stream opened since the last look, and no request or response body
+/// holding them. Ends with its host.
+async fn sweep(host: Weak<Host>, idle_timeout: Duration) {
+    let mut check = tokio::time::interval(idle_timeout / 4);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = Vec::new();
+    loop {
+        check.tick().await;
+        let Some(host) = host.upgrade() else { return };
+        host.expire(&mut seen, idle_timeout);
+    }
+}
+
+/// One connection as the sweeper last saw it.
+struct Seen {
+    id: u64,
+    opened: u64,
+    idle_since: Option<tokio::time::Instant>,
 }
 
 /// What the connection task knows of its connection: enough to take it out of its host.
@@ -304,6 +307,36 @@ impl Watch {
 }
 
 impl Host {
+    /// Lets go of the connections idle for `idle_timeout`; `seen` is what the last look saw.
+    fn expire(&self, seen: &mut Vec<Seen>, idle_timeout: Duration) {
+        let now = tokio::time::Instant::now();
+        let before = std::mem::take(seen);
+        let mut conns = self.conns.lock().expect("host lock");
+        let count = conns.len();
+        conns.retain(|conn| {
+            let opened = conn.state.opened.load(Ordering::Relaxed);
+            let last = before.iter().find(|s| s.id == conn.id);
+            // In use: a stream was opened since the last look, or a request or a response body
+            // holds a count besides the connection's task and this handle.
+            let busy = Arc::strong_count(&conn.state) > 2 || last.map_or(0, |s| s.opened) != opened;
+            let idle_since = (!busy).then(|| last.and_then(|s| s.idle_since).unwrap_or(now));
+            if idle_since.is_some_and(|since| now - since >= idle_timeout) {
+                return false;
+            }
+            seen.push(Seen {
+                id: conn.id,
+                opened,
+                idle_since,
+            });
+            true
+        });
+        let closed = count - conns.len();
+        drop(conns);
+        if closed > 0 {
+            tracing::debug!(closed, "closing idle upstream connections");
+        }
+    }
+
     /// Takes connection `id` out of the host's set: no new request goes to it.
     fn forget(&self, id: u64) {
         self.conns

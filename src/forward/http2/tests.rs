@@ -133,3 +133,64 @@ async fn dropping_the_pool_closes_its_connections() {
         .expect("the connection of a dropped pool is closed")
         .unwrap();
 }
+
+/// A connection of `host` over an in-memory pipe to an h2 server that accepts and never
+/// answers, and its task, which ends when the connection closes.
+async fn in_memory(host: &Arc<super::Host>, id: u64) -> (super::Conn, tokio::task::JoinHandle<()>) {
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let mut server = h2::server::handshake(far).await.unwrap();
+        while let Some(Ok(_stream)) = server.accept().await {}
+    });
+    let (send, connection) = h2::client::handshake(near).await.unwrap();
+    let conn = super::Conn {
+        send,
+        id,
+        state: Arc::default(),
+        host: Arc::downgrade(host),
+    };
+    let watch = super::Watch {
+        id,
+        state: conn.state.clone(),
+        host: Arc::downgrade(host),
+    };
+    let task = tokio::spawn(super::drive(connection, watch));
+    host.conns.lock().unwrap().push(conn.clone());
+    (conn, task)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sweeper_lets_go_of_connections_idle_for_the_timeout_and_keeps_the_others() {
+    let host = Arc::new(super::Host::default());
+    let limit = Duration::from_secs(90);
+    let sweeper = tokio::spawn(super::sweep(Arc::downgrade(&host), limit));
+    let (_, old_task) = in_memory(&host, 1).await;
+    // Held by a request all along: in use, however long.
+    let (held, held_task) = in_memory(&host, 2).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let (_, fresh_task) = in_memory(&host, 3).await;
+    // The sweeper looks every 22.5 s: at 112.5 s the first has been idle past the limit, the
+    // last for 52.5 s.
+    tokio::time::sleep(Duration::from_secs(53)).await;
+    tokio::time::timeout(Duration::from_secs(1), old_task)
+        .await
+        .expect("the connection idle for 112.5 s is closed")
+        .unwrap();
+    assert!(!fresh_task.is_finished());
+    assert!(!held_task.is_finished());
+    let ids: Vec<u64> = host.conns.lock().unwrap().iter().map(|c| c.id).collect();
+    assert_eq!(ids, [2, 3]);
+    // The host gone (a reload) and the request done, the connections close and the sweeper
+    // ends.
+    drop((host, held));
+    for task in [fresh_task, held_task] {
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("a dropped host's connections close")
+            .unwrap();
+    }
+    tokio::time::timeout(limit, sweeper)
+        .await
+        .expect("the sweeper of a dropped host ends")
+        .unwrap();
+}
