@@ -236,6 +236,15 @@ where
     });
 }
 
+/// In the pools' tests: waits up to `limit` for `task` to end; `what` says what its end means.
+#[cfg(test)]
+pub(crate) async fn ends_within(limit: Duration, task: tokio::task::JoinHandle<()>, what: &str) {
+    tokio::time::timeout(limit, task)
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+        .unwrap();
+}
+
 /// How long an upstream connection may sit unused before it is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 

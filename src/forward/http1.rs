@@ -388,6 +388,7 @@ impl Drop for Http1Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward::ends_within;
 
     /// A connection of the pool over an in-memory pipe whose far end stays open but silent,
     /// and its task, which ends when the connection closes.
@@ -419,21 +420,18 @@ mod tests {
         // The sweeper looks every 22.5 s: at 112.5 s the first has been idle past the limit,
         // the second for 52.5 s.
         tokio::time::sleep(Duration::from_secs(53)).await;
-        tokio::time::timeout(Duration::from_secs(1), old_task)
-            .await
-            .expect("the connection idle for 112.5 s is closed")
-            .unwrap();
+        let second = Duration::from_secs(1);
+        ends_within(
+            second,
+            old_task,
+            "the connection idle for 112.5 s is closed",
+        )
+        .await;
         assert!(!fresh_task.is_finished());
         assert_eq!(host.state.lock().unwrap().idle.len(), 1);
         // The host gone (a reload), its connections close and its sweeper ends.
         drop(host);
-        tokio::time::timeout(Duration::from_secs(1), fresh_task)
-            .await
-            .expect("a dropped host's connections close")
-            .unwrap();
-        tokio::time::timeout(limit, sweeper)
-            .await
-            .expect("the sweeper of a dropped host ends")
-            .unwrap();
+        ends_within(second, fresh_task, "a dropped host's connections close").await;
+        ends_within(limit, sweeper, "the sweeper of a dropped host ends").await;
     }
 }

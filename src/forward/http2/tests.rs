@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::{Http2Pool, Route};
 use crate::forward::connect::UpstreamConnector;
+use crate::forward::ends_within;
 use crate::forward::policy::AddressPolicy;
 
 const NAME: &str = "idle.example.com";
@@ -172,10 +173,13 @@ async fn the_sweeper_lets_go_of_connections_idle_for_the_timeout_and_keeps_the_o
     // The sweeper looks every 22.5 s: at 112.5 s the first has been idle past the limit, the
     // last for 52.5 s.
     tokio::time::sleep(Duration::from_secs(53)).await;
-    tokio::time::timeout(Duration::from_secs(1), old_task)
-        .await
-        .expect("the connection idle for 112.5 s is closed")
-        .unwrap();
+    let second = Duration::from_secs(1);
+    ends_within(
+        second,
+        old_task,
+        "the connection idle for 112.5 s is closed",
+    )
+    .await;
     assert!(!fresh_task.is_finished());
     assert!(!held_task.is_finished());
     let ids: Vec<u64> = host.conns.lock().unwrap().iter().map(|c| c.id).collect();
@@ -184,13 +188,7 @@ async fn the_sweeper_lets_go_of_connections_idle_for_the_timeout_and_keeps_the_o
     // ends.
     drop((host, held));
     for task in [fresh_task, held_task] {
-        tokio::time::timeout(Duration::from_secs(1), task)
-            .await
-            .expect("a dropped host's connections close")
-            .unwrap();
+        ends_within(second, task, "a dropped host's connections close").await;
     }
-    tokio::time::timeout(limit, sweeper)
-        .await
-        .expect("the sweeper of a dropped host ends")
-        .unwrap();
+    ends_within(limit, sweeper, "the sweeper of a dropped host ends").await;
 }
