@@ -308,24 +308,24 @@ fn write_utc(w: &mut Writer<'_>, at: SystemTime) -> fmt::Result {
 
 /// `at` as [`write_utc`] writes it. Each thread keeps the last second it wrote, so that within a
 /// second only the microseconds are made anew (the date and the time of day took 350
-/// instructions a line; BENCHMARKS finding 40).
+/// instructions a line; BENCHMARKS finding 41).
 fn push_utc(line: &mut String, at: SystemTime) {
     thread_local! {
         static LAST: Cell<Option<(u64, [u8; 27])>> = const { Cell::new(None) };
     }
-    let Ok(since) = at.duration_since(UNIX_EPOCH) else {
-        let _ = write_utc(&mut Writer::new(line), at);
-        return;
-    };
-    let text = match LAST.get() {
-        Some((second, mut text)) if second == since.as_secs() => {
-            put_digits(&mut text[20..26], u64::from(since.subsec_micros()));
-            Some(text)
-        }
-        _ => utc(at).inspect(|text| LAST.set(Some((since.as_secs(), *text)))),
-    };
+    let text = at
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|since| match LAST.get() {
+            Some((second, mut text)) if second == since.as_secs() => {
+                put_digits(&mut text[20..26], u64::from(since.subsec_micros()));
+                Some(text)
+            }
+            _ => utc(at).inspect(|text| LAST.set(Some((since.as_secs(), *text)))),
+        });
     match text.as_ref().map(|text| std::str::from_utf8(text)) {
         Some(Ok(text)) => line.push_str(text),
+        // Before 1970 or after 9999: as `write_utc` falls back.
         _ => {
             let _ = write_utc(&mut Writer::new(line), at);
         }
