@@ -114,6 +114,7 @@ async fn origin_form_request_reaches_upstream_with_exact_credentials_host_path_a
             ("proxy-connection", "keep-alive"),
             ("x-request-id", "flow-run-17"),
             ("accept", "application/json"),
+            ("host", "connector-proxy.internal"),
         ],
     )
     .await;
@@ -131,6 +132,8 @@ async fn origin_form_request_reaches_upstream_with_exact_credentials_host_path_a
     // HTTP/2 by ALPN: the authority travels as :authority, which hyper exposes via the URI.
     assert_eq!(req.version, http::Version::HTTP_2);
     assert_eq!(req.authority, "crm.example.com");
+    // The caller's Host names the proxy; over HTTP/2 `:authority` alone names the target.
+    assert!(req.headers.get("host").is_none(), "{:?}", req.headers);
     assert_eq!(req.headers["accept"], "application/json");
     assert_eq!(req.headers["x-request-id"], "flow-run-17");
     for gone in [

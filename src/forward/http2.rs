@@ -362,6 +362,8 @@ impl Conn {
         request: Request<UpstreamBody>,
     ) -> Result<Response<Http2Body>, ForwardError> {
         let (mut head, body) = request.into_parts();
+        // The caller's, which the handler leaves to the pools: `:authority` names the target.
+        head.headers.remove(header::HOST);
         if let Some(len) = body.size_hint().exact()
             && (len != 0 || has_payload_semantics(&head.method))
             && !head.headers.contains_key(header::CONTENT_LENGTH)
