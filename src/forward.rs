@@ -236,15 +236,6 @@ where
     });
 }
 
-/// In the pools' tests: waits up to `limit` for `task` to end; `what` says what its end means.
-#[cfg(test)]
-pub(crate) async fn ends_within(limit: Duration, task: tokio::task::JoinHandle<()>, what: &str) {
-    tokio::time::timeout(limit, task)
-        .await
-        .unwrap_or_else(|_| panic!("{what}"))
-        .unwrap();
-}
-
 /// How long an upstream connection may sit unused before it is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -271,5 +262,41 @@ impl From<&ConnectError> for ForwardError {
 impl From<ConnectError> for ForwardError {
     fn from(error: ConnectError) -> Self {
         (&error).into()
+    }
+}
+
+/// The timeline both pools' sweeper tests follow (paused clock): a limit of 90 s, so a look
+/// every 22.5 s; one connection left idle at 0 s, another at 60 s.
+#[cfg(test)]
+pub(crate) mod sweep_timeline {
+    use std::time::Duration;
+
+    use tokio::task::JoinHandle;
+
+    pub const LIMIT: Duration = Duration::from_secs(90);
+
+    /// From the first connection to the second.
+    pub async fn until_the_second() {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+
+    /// On to the look at 112.5 s, which finds the first connection idle past the limit and the
+    /// second for 52.5 s; the first one's task (`first`) then ends.
+    pub async fn the_first_closes(first: JoinHandle<()>) {
+        tokio::time::sleep(Duration::from_secs(53)).await;
+        ends_within(
+            Duration::from_secs(1),
+            first,
+            "the connection idle for 112.5 s closes",
+        )
+        .await;
+    }
+
+    /// Waits up to `limit` for `task` to end; `what` says what its end means.
+    pub async fn ends_within(limit: Duration, task: JoinHandle<()>, what: &str) {
+        tokio::time::timeout(limit, task)
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .unwrap();
     }
 }

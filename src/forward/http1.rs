@@ -390,7 +390,7 @@ impl Drop for Http1Body {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::forward::ends_within;
+    use crate::forward::sweep_timeline::{self, LIMIT, ends_within};
 
     /// A connection of the pool over an in-memory pipe whose far end stays open but silent,
     /// and its task, which ends when the connection closes.
@@ -412,28 +412,19 @@ mod tests {
             state: Mutex::default(),
             swept: AtomicBool::new(true),
         });
-        let limit = Duration::from_secs(90);
-        let sweeper = tokio::spawn(sweep(Arc::downgrade(&host), limit));
+        let sweeper = tokio::spawn(sweep(Arc::downgrade(&host), LIMIT));
         let (old, old_task) = pooled().await;
         host.give_back(old);
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        sweep_timeline::until_the_second().await;
         let (fresh, fresh_task) = pooled().await;
         host.give_back(fresh);
-        // The sweeper looks every 22.5 s: at 112.5 s the first has been idle past the limit,
-        // the second for 52.5 s.
-        tokio::time::sleep(Duration::from_secs(53)).await;
-        let second = Duration::from_secs(1);
-        ends_within(
-            second,
-            old_task,
-            "the connection idle for 112.5 s is closed",
-        )
-        .await;
+        sweep_timeline::the_first_closes(old_task).await;
         assert!(!fresh_task.is_finished());
         assert_eq!(host.state.lock().unwrap().idle.len(), 1);
         // The host gone (a reload), its connections close and its sweeper ends.
         drop(host);
+        let second = Duration::from_secs(1);
         ends_within(second, fresh_task, "a dropped host's connections close").await;
-        ends_within(limit, sweeper, "the sweeper of a dropped host ends").await;
+        ends_within(LIMIT, sweeper, "the sweeper of a dropped host ends").await;
     }
 }

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use super::{Http2Pool, Route};
 use crate::forward::connect::UpstreamConnector;
-use crate::forward::ends_within;
 use crate::forward::policy::AddressPolicy;
+use crate::forward::sweep_timeline::{self, LIMIT, ends_within};
 
 const NAME: &str = "idle.example.com";
 
@@ -163,23 +163,13 @@ async fn in_memory(host: &Arc<super::Host>, id: u64) -> (super::Conn, tokio::tas
 #[tokio::test(start_paused = true)]
 async fn the_sweeper_lets_go_of_connections_idle_for_the_timeout_and_keeps_the_others() {
     let host = Arc::new(super::Host::default());
-    let limit = Duration::from_secs(90);
-    let sweeper = tokio::spawn(super::sweep(Arc::downgrade(&host), limit));
+    let sweeper = tokio::spawn(super::sweep(Arc::downgrade(&host), LIMIT));
     let (_, old_task) = in_memory(&host, 1).await;
     // Held by a request all along: in use, however long.
     let (held, held_task) = in_memory(&host, 2).await;
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    sweep_timeline::until_the_second().await;
     let (_, fresh_task) = in_memory(&host, 3).await;
-    // The sweeper looks every 22.5 s: at 112.5 s the first has been idle past the limit, the
-    // last for 52.5 s.
-    tokio::time::sleep(Duration::from_secs(53)).await;
-    let second = Duration::from_secs(1);
-    ends_within(
-        second,
-        old_task,
-        "the connection idle for 112.5 s is closed",
-    )
-    .await;
+    sweep_timeline::the_first_closes(old_task).await;
     assert!(!fresh_task.is_finished());
     assert!(!held_task.is_finished());
     let ids: Vec<u64> = host.conns.lock().unwrap().iter().map(|c| c.id).collect();
@@ -188,7 +178,12 @@ async fn the_sweeper_lets_go_of_connections_idle_for_the_timeout_and_keeps_the_o
     // ends.
     drop((host, held));
     for task in [fresh_task, held_task] {
-        ends_within(second, task, "a dropped host's connections close").await;
+        ends_within(
+            Duration::from_secs(1),
+            task,
+            "a dropped host's connections close",
+        )
+        .await;
     }
-    ends_within(limit, sweeper, "the sweeper of a dropped host ends").await;
+    ends_within(LIMIT, sweeper, "the sweeper of a dropped host ends").await;
 }
