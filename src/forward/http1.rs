@@ -102,8 +102,8 @@ impl Http1Pool {
             let mut conn = match self.checkout(&host, &uri).await? {
                 Checkout::Pooled(conn) => conn,
                 Checkout::New(stream) if stream.is_h2() => {
+                    // Back to absolute-form; the HTTP/2 pool removes `Host`.
                     *request.uri_mut() = uri;
-                    request.headers_mut().remove(header::HOST);
                     return Ok(Sent::OffersHttp2(stream, request));
                 }
                 // Boxed, as the connect is: a path taken once per connection.
