@@ -3,8 +3,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -121,6 +123,53 @@ async fn a_connection_left_unused_is_closed_and_the_next_request_makes_a_new_one
         .unwrap();
     assert_eq!(get(&pool).await, "ok");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+fn poll_once<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+    future.poll(&mut Context::from_waker(Waker::noop()))
+}
+
+/// Callers that found no connection wait for the one being made. Once it is made, each has its
+/// route the first time it looks, in whatever order they look: they are not handed a lock one
+/// after another, a turn of the scheduler each (BENCHMARKS finding 45).
+#[tokio::test]
+async fn callers_waiting_for_a_connection_all_take_it_when_it_is_made() {
+    let (pool, accepted, _ends) = start(Duration::from_secs(3600)).await;
+    let uri: http::Uri = format!("https://{NAME}/").parse().unwrap();
+    let mut first = Box::pin(pool.route(&uri));
+    let mut waiting: Vec<_> = (0..20).map(|_| Box::pin(pool.route(&uri))).collect();
+    // The first makes the connection; the others find it under way and wait.
+    assert!(poll_once(first.as_mut()).is_pending());
+    for caller in &mut waiting {
+        assert!(poll_once(caller.as_mut()).is_pending());
+    }
+    assert!(matches!(first.await.unwrap(), Route::Http2(_)));
+    // The last to come looks first.
+    for caller in waiting.iter_mut().rev() {
+        match poll_once(caller.as_mut()) {
+            Poll::Ready(Ok(Route::Http2(_))) => {}
+            Poll::Ready(_) => panic!("a waiting caller got no HTTP/2 connection"),
+            Poll::Pending => panic!("a caller still waits though the connection is made"),
+        }
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection for all");
+}
+
+#[tokio::test]
+async fn a_caller_dropped_while_making_the_connection_leaves_it_to_one_that_waits() {
+    let (pool, _accepted, _ends) = start(Duration::from_secs(3600)).await;
+    let uri: http::Uri = format!("https://{NAME}/").parse().unwrap();
+    let mut first = Box::pin(pool.route(&uri));
+    let mut second = Box::pin(pool.route(&uri));
+    assert!(poll_once(first.as_mut()).is_pending());
+    assert!(poll_once(second.as_mut()).is_pending());
+    // The first caller's request ends (its caller went away, or its deadline passed).
+    drop(first);
+    let route = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the waiting caller makes the connection itself")
+        .unwrap();
+    assert!(matches!(route, Route::Http2(_)));
 }
 
 #[tokio::test]
