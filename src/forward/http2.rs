@@ -9,7 +9,7 @@
 //! map stays small.
 
 use std::future::poll_fn;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
@@ -151,10 +151,9 @@ impl Http2Pool {
         // the one being made, rather than queue streams that a GOAWAY would refuse.
         let asked = Instant::now();
         loop {
+            // Made before looking: `notify_waiters` wakes every `Notified` made before it, so an
+            // attempt that ends from here on wakes this caller.
             let ended = host.attempt_ended.notified();
-            let mut ended = pin!(ended);
-            // Before looking: an attempt that ends from here on wakes this caller.
-            ended.as_mut().enable();
             if let Some(route) = host.pick(self.max_connections()) {
                 return Ok(route);
             }
