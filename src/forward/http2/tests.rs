@@ -63,8 +63,13 @@ async fn server(
             counter.fetch_add(1, Ordering::SeqCst);
             let (acceptor, ended) = (acceptor.clone(), ended.clone());
             tokio::spawn(async move {
-                let tls = acceptor.accept(tcp).await.unwrap();
-                let mut connection = h2::server::handshake(tls).await.unwrap();
+                // A client may go before the handshakes are done (a caller dropped mid-connect).
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut connection) = h2::server::handshake(tls).await else {
+                    return;
+                };
                 while let Some(Ok((_request, mut respond))) = connection.accept().await {
                     let mut body = respond.send_response(Response::new(()), false).unwrap();
                     body.send_data("ok".into(), true).unwrap();
