@@ -61,8 +61,8 @@ struct Host {
     /// thousand connect timeouts).
     connecting: Mutex<Connecting>,
     /// Wakes every caller waiting on an attempt when it ends, to look for a stream again all at
-    /// once. Passed from one to the next through a lock, a turn of the scheduler each, a burst of
-    /// a thousand first requests waited seconds (BENCHMARKS finding 45).
+    /// once. When they were handed a lock one after another, a turn of the scheduler each, a
+    /// burst of a thousand first requests waited seconds (BENCHMARKS finding 45).
     attempt_ended: Notify,
     /// The server chose HTTP/1.1: its requests go to the HTTP/1.1 pool.
     http1: AtomicBool,
