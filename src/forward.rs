@@ -300,3 +300,87 @@ pub(crate) mod sweep_timeline {
             .unwrap();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::sync::{mpsc, oneshot};
+
+    /// Who ran, in order; the fourth to run says so.
+    #[derive(Clone)]
+    struct Log(Arc<Mutex<Ran>>);
+
+    struct Ran {
+        names: Vec<&'static str>,
+        done: Option<oneshot::Sender<()>>,
+    }
+
+    impl Log {
+        fn ran(&self, name: &'static str) {
+            let mut ran = self.0.lock().unwrap();
+            ran.names.push(name);
+            if ran.names.len() == 4
+                && let Some(done) = ran.done.take()
+            {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// The order in which a connection task woken by a request runs, against three tasks
+    /// queued before the wake-up, on one worker (as the proxy runs in the load runs).
+    fn order(queued_last: bool) -> Vec<&'static str> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let (done, finished) = oneshot::channel();
+        let log = Log(Arc::new(Mutex::new(Ran {
+            names: Vec::new(),
+            done: Some(done),
+        })));
+        let request_log = log.clone();
+        runtime.spawn(async move {
+            let log = request_log;
+            let (work, mut works) = mpsc::unbounded_channel::<Option<oneshot::Sender<()>>>();
+            let conn_log = log.clone();
+            let conn = async move {
+                while let Some(work) = works.recv().await {
+                    match work {
+                        Some(reply) => drop(reply.send(())),
+                        None => conn_log.ran("conn"),
+                    }
+                }
+            };
+            if queued_last {
+                super::spawn_queued_last(conn);
+            } else {
+                tokio::spawn(conn);
+            }
+            // Once it has answered, the connection task waits on its channel, idle.
+            let (reply, replied) = oneshot::channel();
+            work.send(Some(reply)).unwrap();
+            replied.await.unwrap();
+            for name in ["a", "b", "c"] {
+                let log = log.clone();
+                tokio::spawn(async move { log.ran(name) });
+            }
+            // The request hands the connection its work, as a request opens a stream, and
+            // its task ends.
+            work.send(None).unwrap();
+        });
+        runtime.block_on(finished).unwrap();
+        log.0.lock().unwrap().names.clone()
+    }
+
+    /// `spawn_queued_last` rests on how tokio schedules, which no API promises: a task woken
+    /// by the running one runs next (its LIFO slot), ahead of the tasks already queued, while a
+    /// task that wakes itself goes to the back of the queue. This fails when either changes:
+    /// the wrapper would then be needless, or would no longer put the connection last.
+    #[test]
+    fn a_connection_task_woken_by_a_request_runs_after_the_tasks_already_queued() {
+        assert_eq!(order(false), ["conn", "a", "b", "c"], "tokio's LIFO slot");
+        assert_eq!(order(true), ["a", "b", "c", "conn"], "queued last");
+    }
+}

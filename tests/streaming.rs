@@ -1,5 +1,6 @@
 //! Bodies stream both ways: 100 MiB up and 100 MiB down pass through the proxy while its peak
-//! resident memory stays far below the size of either body.
+//! resident memory stays far below the size of either body, over an HTTP/2 upstream and over an
+//! HTTP/1.1 one.
 
 mod common;
 
@@ -19,8 +20,17 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 #[tokio::test]
 async fn hundred_mebibytes_stream_up_and_down_in_constant_memory() {
+    stream_up_and_down(&[b"h2", b"http/1.1"], http::Version::HTTP_2).await;
+}
+
+#[tokio::test]
+async fn hundred_mebibytes_stream_up_and_down_an_http1_upstream_in_constant_memory() {
+    stream_up_and_down(&[b"http/1.1"], http::Version::HTTP_11).await;
+}
+
+async fn stream_up_and_down(alpn: &[&[u8]], version: http::Version) {
     let pki = Pki::new();
-    let crm = Upstream::start(&pki.leaf(&["crm.example.com"]), &[b"h2", b"http/1.1"]).await;
+    let crm = Upstream::start(&pki.leaf(&["crm.example.com"]), alpn).await;
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nextra_ca_file = \"ca.pem\"\nallow_networks = [\"127.0.0.0/8\"]\n\
          request_timeout = \"120s\"\nresolve = {{ \"crm.example.com:443\" = \"{}\" }}\n\
@@ -47,6 +57,7 @@ async fn hundred_mebibytes_stream_up_and_down_in_constant_memory() {
         "the upstream counted every byte"
     );
     assert_eq!(crm.seen()[0].body_len, SIZE);
+    assert_eq!(crm.seen()[0].version, version);
 
     sender.ready().await.unwrap();
     let download = Request::get(format!("/download/{SIZE}"))

@@ -388,43 +388,4 @@ impl Drop for Http1Body {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::forward::sweep_timeline::{self, LIMIT, ends_within};
-
-    /// A connection of the pool over an in-memory pipe whose far end stays open but silent,
-    /// and its task, which ends when the connection closes.
-    async fn pooled() -> (Pooled, tokio::task::JoinHandle<()>) {
-        let (near, far) = tokio::io::duplex(1024);
-        let (send, connection) = http1::handshake(TokioIo::new(near)).await.unwrap();
-        let task = tokio::spawn(async move {
-            let _far = far;
-            let _ = connection.await;
-        });
-        (Pooled { send }, task)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_sweeper_closes_connections_idle_for_the_timeout_and_keeps_fresher_ones() {
-        let host = Arc::new(Host {
-            header: HeaderValue::from_static("crm.example.com"),
-            slots: Arc::new(Semaphore::new(4)),
-            state: Mutex::default(),
-            swept: AtomicBool::new(true),
-        });
-        let sweeper = tokio::spawn(sweep(Arc::downgrade(&host), LIMIT));
-        let (old, old_task) = pooled().await;
-        host.give_back(old);
-        sweep_timeline::until_the_second().await;
-        let (fresh, fresh_task) = pooled().await;
-        host.give_back(fresh);
-        sweep_timeline::the_first_closes(old_task).await;
-        assert!(!fresh_task.is_finished());
-        assert_eq!(host.state.lock().unwrap().idle.len(), 1);
-        // The host gone (a reload), its connections close and its sweeper ends.
-        drop(host);
-        let second = Duration::from_secs(1);
-        ends_within(second, fresh_task, "a dropped host's connections close").await;
-        ends_within(LIMIT, sweeper, "the sweeper of a dropped host ends").await;
-    }
-}
+mod tests;
