@@ -9,6 +9,8 @@
 #   DURATION=5 CONNECTIONS=64 bash benches/load.sh
 #   PROFILE=/tmp/cp.perf bash benches/load.sh   # also perf-record connector-proxy's Basic run
 #   MODE=quick bash benches/load.sh      # only the 32-connection table (A/B with PROXY_BIN=...)
+#   ROUNDS=5 DURATION=4 bash benches/load.sh   # the four servers compared in 5 rounds of 4 s
+#                                        # (default 3 of DURATION), their order alternating
 #   MODE=serve bash benches/load.sh      # start everything, print the ports and wait (profiling)
 #   MODE=soak bash benches/load.sh       # 1,000 connections for 60 s (SOAK_SECONDS), Basic and
 #                                        # OAuth with 2 s tokens; every answer checked, RSS sampled
@@ -26,6 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}                   # rounds of nginx, HAProxy, bare and proxy at 32 connections
 CONNECTIONS=${CONNECTIONS:-32}
 PROXY_CORE=${PROXY_CORE:-0}
 UPSTREAM_HTTP2=${UPSTREAM_HTTP2:-1}   # 0: the upstream offers only HTTP/1.1 (as nginx proxies to it)
@@ -272,6 +275,15 @@ to_ms() {
     esac
 }
 
+# The median of the numbers on standard input, one a line.
+median() { sort -g | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+# medians RESULT... -> one result ("req/s p50 p99 proxy_us upstream_us") of each field's median
+medians() {
+    local k out=()
+    for k in 1 2 3 4 5; do out+=("$(printf '%s\n' "$@" | awk -v k=$k '{print $k}' | median)"); done
+    echo "${out[*]}"
+}
+
 row() {
     # Local: the callers' own rps and cpu variables keep their values.
     local name=$1 res=$2 rss=$3 rps p50 p99 pcpu ucpu nrps np99 hrps brps drps
@@ -293,7 +305,7 @@ steady_rows() {
     row "connector-proxy (Basic)" "$basic" "$cp_rss"
     row "connector-proxy (Basic, access log on)" "$logged" "$cpl_rss"
     row "connector-proxy (OAuth)" "$oauth" "$cp_rss"
-    read -r lrps _ _ lcpu _ <<<"$logged"; read -r brps _ _ bcpu _ <<<"$basic"
+    read -r lrps _ _ lcpu _ <<<"$logged"; read -r brps _ _ bcpu _ <<<"$basic_next"
     awk -v l="$lrps" -v b="$brps" -v lc="$lcpu" -v bc="$bcpu" -v d="$(wc -l <"$work/cp-logged.log")" -v x="$(curl -s "http://127.0.0.1:$CPLA/metrics" | awk '/^connector_proxy_log_lines_dropped_total/ {print $2}')" \
         'BEGIN {printf "access log at info: %.2fx the throughput of RUST_LOG=warn, %s against %s CPU us/req; %d lines written, %s dropped\n", l/b, lc, bc, d, x}'
     row "connector-proxy (Basic, traces on)" "$traced" "$cpt_rss"
@@ -303,11 +315,31 @@ steady_rows() {
     spans=$(curl -s "http://127.0.0.1:$CPTA/metrics" | awk '/^connector_proxy_spans_(exported|dropped)_total/ {printf "%s %s; ", $1, $2}')
     awk -v t="$trps" -v b="$brps" -v tc="$tcpu" -v bc="$bcpu" -v to="$torps" -v o="$orps" -v toc="$tocpu" -v oc="$ocpu" -v s="$spans" \
         'BEGIN {printf "traces on (every request sampled): Basic %.2fx the throughput of traces off, %s against %s CPU us/req; OAuth %.2fx, %s against %s; %s\n", t/b, tc, bc, to/o, toc, oc, s}'
+    rounds_summary
+}
+# Per round, connector-proxy (Basic) against each peer run in the same round, and the median of
+# those ratios: the figures to quote.
+rounds_summary() {
+    local i lines="" c n h b cc nc hc bc
+    echo
+    echo "connector-proxy (Basic) in each of $ROUNDS rounds (order alternating), throughput against the peer's in the same round; CPU us/req proxy / nginx / HAProxy / bare:"
+    for ((i = 0; i < ROUNDS; i++)); do
+        read -r c _ _ cc _ <<<"${r_cp[i]}"; read -r n _ _ nc _ <<<"${r_ngx[i]}"
+        read -r h _ _ hc _ <<<"${r_hap[i]}"; read -r b _ _ bc _ <<<"${r_bare[i]}"
+        lines+="$(awk -v c="$c" -v n="$n" -v h="$h" -v b="$b" 'BEGIN {printf "%.4f %.4f %.4f", c/n, c/h, c/b}') $cc $nc $hc $bc"$'\n'
+        awk -v r=$((i + 1)) -v c="$c" -v n="$n" -v h="$h" -v b="$b" -v cc="$cc" -v nc="$nc" -v hc="$hc" -v bc="$bc" \
+            'BEGIN {printf "  round %d: %.2fx nginx, %.2fx HAProxy, %.2fx bare; %s / %s / %s / %s\n", r, c/n, c/h, c/b, cc, nc, hc, bc}'
+    done
+    local cols=() k
+    for k in 1 2 3 4 5 6 7; do cols+=("$(printf '%s' "$lines" | awk -v k=$k 'NF {print $k}' | median)"); done
+    awk -v a="${cols[0]}" -v b="${cols[1]}" -v c="${cols[2]}" -v pc="${cols[3]}" -v nc="${cols[4]}" -v hc="${cols[5]}" -v bc="${cols[6]}" \
+        'BEGIN {printf "  median of the rounds: %.2fx nginx, %.2fx HAProxy, %.2fx bare; %s / %s / %s / %s\n", a, b, c, pc, nc, hc, bc}'
 }
 table_head() {
     echo
     echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); kernel $(uname -r)"
     echo "$CONNECTIONS connections, ${DURATION}s per run, upstream and proxy on core $PROXY_CORE, wrk on core $LOAD_CORE, upstream offers h2: $UPSTREAM_HTTP2"
+    echo "nginx, HAProxy, bare and connector-proxy (Basic): medians of $ROUNDS rounds; the other rows: one run each"
     echo
     echo "| path                                     |     req/s | p50 ms  | p99 ms  | RSS KiB  | vs nginx | vs HAProxy | vs bare | vs direct | p99 vs nginx | proxy CPU us/req | upstream CPU us/req |"
     echo "| ---------------------------------------- | --------: | ------: | ------: | -------: | -------: | ---------: | ------: | --------: | -----------: | -----: | -----: |"
@@ -436,23 +468,43 @@ fi
 
 # wrk cannot verify certificates or set SNI per host; the direct baseline is HTTPS to the upstream.
 direct=$(run direct "$CONNECTIONS" -H 'Host: crm.example.com' "https://127.0.0.1:$UP/")
-ngx=$(WATCH=$(nginx_pid) run nginx "$CONNECTIONS" "http://127.0.0.1:$NGX/")
+# The four servers compared, in ROUNDS rounds whose order alternates (nginx, HAProxy, bare,
+# proxy; then the reverse), so that this VM's drift over minutes moves each alike. Their rows
+# give the median of each column over the rounds; the ratios that matter are also given per
+# round and as the median of the rounds' ratios, after the table.
+r_ngx=(); r_hap=(); r_bare=(); r_cp=()
+for ((round = 0; round < ROUNDS; round++)); do
+    order="ngx hap bare cp"
+    [ $((round % 2)) = 1 ] && order="cp bare hap ngx"
+    for who in $order; do
+        case $who in
+            ngx) r_ngx+=("$(WATCH=$(nginx_pid) run nginx "$CONNECTIONS" "http://127.0.0.1:$NGX/")") ;;
+            hap) r_hap+=("$(WATCH=$HAP_PID run haproxy "$CONNECTIONS" "http://127.0.0.1:$HAP/")") ;;
+            bare) r_bare+=("$(WATCH=$BARE_PID run bare "$CONNECTIONS" "http://127.0.0.1:$BARE/")") ;;
+            cp)
+                if [ -n "${PROFILE:-}" ] && [ "$round" = 0 ]; then
+                    perf record -F 999 -g -p "$CP_PID" -o "$PROFILE" -- sleep "$DURATION" >/dev/null 2>&1 &
+                    perf_pid=$!
+                fi
+                r_cp+=("$(WATCH=$CP_PID run basic "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")")
+                if [ -n "${PROFILE:-}" ] && [ "$round" = 0 ]; then
+                    wait "$perf_pid" || true
+                    echo "profile written to $PROFILE: perf report -i $PROFILE --no-children --sort symbol" >&2
+                fi
+                ;;
+        esac
+    done
+done
+ngx=$(medians "${r_ngx[@]}")
+hap=$(medians "${r_hap[@]}")
+bare=$(medians "${r_bare[@]}")
+basic=$(medians "${r_cp[@]}")
 ngx_rss=$(rss "$(nginx_pid)")
-hap=$(WATCH=$HAP_PID run haproxy "$CONNECTIONS" "http://127.0.0.1:$HAP/")
 hap_rss=$(rss "$HAP_PID")
-bare=$(WATCH=$BARE_PID run bare "$CONNECTIONS" "http://127.0.0.1:$BARE/")
 bare_rss=$(rss "$BARE_PID")
-if [ -n "${PROFILE:-}" ]; then
-    perf record -F 999 -g -p "$CP_PID" -o "$PROFILE" -- sleep "$DURATION" >/dev/null 2>&1 &
-    perf_pid=$!
-fi
-basic=$(WATCH=$CP_PID run basic "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
-if [ -n "${PROFILE:-}" ]; then
-    wait "$perf_pid" || true
-    echo "profile written to $PROFILE: perf report -i $PROFILE --no-children --sort symbol" >&2
-fi
 # Each variant right after the run it is compared with, so that drift over the run (this VM's
 # neighbours) moves both alike.
+basic_next=$(WATCH=$CP_PID run basic "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CP/")
 traced=$(WATCH=$CPT_PID run traced "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CPT/")
 logged=$(WATCH=$CPL_PID run logged "$CONNECTIONS" -H 'X-Connector-Name: basic' "http://127.0.0.1:$CPL/")
 cpl_rss=$(rss "$CPL_PID")
