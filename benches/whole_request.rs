@@ -1,5 +1,7 @@
 //! One whole request, paired: a client calling the TLS upstream directly, and the same call
 //! through connector-proxy's server running in-process (Basic, and OAuth with a cached token).
+//! The direct client speaks HTTP/1.1 to the upstream, which offers h2 to the proxy; a second
+//! upstream, offering HTTP/1.1 only, gives the pair on one protocol (`proxy_basic_http1`).
 //! Also credential application alone: asking a connector for its `Authorization` value and
 //! setting it on a request's headers.
 //! Every variant keeps one keepalive connection open, sends requests one after another and
@@ -33,6 +35,8 @@ use connector_proxy::registry::Registry;
 use connector_proxy::server::Server;
 
 const HOST: &str = "api.example.com";
+/// The same upstream, offering HTTP/1.1 only.
+const LEGACY: &str = "legacy.example.com";
 
 struct Peers {
     runtime: tokio::runtime::Runtime,
@@ -53,16 +57,14 @@ fn start() -> Peers {
         .build()
         .unwrap();
     let pki = Pki::new();
-    let leaf = pki.leaf(&[HOST]);
+    let leaf = pki.leaf(&[HOST, LEGACY]);
     let (upstream, token, proxy, dir, registry) = runtime.block_on(async {
-        // The upstream task serves until the runtime is dropped at the end of the run.
-        let (upstream, _task) = serve_tls(
-            server_config(&leaf, &[b"h2", b"http/1.1"]),
-            |_req, _peer| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-            },
-        )
-        .await;
+        // The upstream tasks serve until the runtime is dropped at the end of the run.
+        let ok = |_req, _peer| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        };
+        let (upstream, _task) = serve_tls(server_config(&leaf, &[b"h2", b"http/1.1"]), ok).await;
+        let (legacy, _task) = serve_tls(server_config(&leaf, &[b"http/1.1"]), ok).await;
         let token = TokenServer::start(&pki).await;
         token.register("bench", Method::SecretBasic("bench-secret".into()));
         let dir = tempfile::tempdir().unwrap();
@@ -76,11 +78,17 @@ admin_listen = "127.0.0.1:0"
 [upstream]
 extra_ca_file = "ca.pem"
 allow_networks = ["127.0.0.0/8"]
-resolve = {{ "{HOST}:443" = "{upstream}", "login.example.com:443" = "{token}" }}
+resolve = {{ "{HOST}:443" = "{upstream}", "{LEGACY}:443" = "{legacy}", "login.example.com:443" = "{token}" }}
 
 [orgs.acme.connectors.basic]
 auth = "basic"
 resource_domain = "https://{HOST}"
+username = "svc"
+password = "bench-password"
+
+[orgs.acme.connectors.basic_http1]
+auth = "basic"
+resource_domain = "https://{LEGACY}"
 username = "svc"
 password = "bench-password"
 
@@ -171,6 +179,7 @@ fn whole_request(c: &mut Criterion) {
     for (name, connector) in [
         ("direct", None),
         ("proxy_basic", Some("basic")),
+        ("proxy_basic_http1", Some("basic_http1")),
         ("proxy_oauth_cached", Some("oauth")),
     ] {
         let mut sender = peers.runtime.block_on(connect(&peers, connector.is_none()));
