@@ -1,7 +1,9 @@
 //! One whole request, paired: a client calling the TLS upstream directly, and the same call
 //! through connector-proxy's server running in-process (Basic, and OAuth with a cached token).
 //! The direct client speaks HTTP/1.1 to the upstream, which offers h2 to the proxy; a second
-//! upstream, offering HTTP/1.1 only, gives the pair on one protocol (`proxy_basic_http1`).
+//! upstream, offering HTTP/1.1 only, gives the pair on one protocol (`proxy_basic_http1`). The
+//! bare hyper-util forwarder of `benches/bare` does the same job with nothing of the proxy's
+//! (`bare`, `bare_http1`): the stack's floor for one request at a time.
 //! Also credential application alone: asking a connector for its `Authorization` value and
 //! setting it on a request's headers.
 //! Every variant keeps one keepalive connection open, sends requests one after another and
@@ -10,6 +12,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "bare/mod.rs"]
+mod bare;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -44,6 +48,9 @@ struct Peers {
     registry: Registry,
     upstream: SocketAddr,
     proxy: SocketAddr,
+    /// The bare forwarder to the upstream that offers h2, and to the HTTP/1.1-only one.
+    bare: SocketAddr,
+    bare_http1: SocketAddr,
     ca: rustls::RootCertStore,
     _dir: tempfile::TempDir,
     _token: TokenServer,
@@ -58,7 +65,12 @@ fn start() -> Peers {
         .unwrap();
     let pki = Pki::new();
     let leaf = pki.leaf(&[HOST, LEGACY]);
-    let (upstream, token, proxy, dir, registry) = runtime.block_on(async {
+    use rustls_pki_types::pem::PemObject;
+    let mut ca = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes()) {
+        ca.add(cert.unwrap()).unwrap();
+    }
+    let (upstream, token, proxy, dir, registry, bare, bare_http1) = runtime.block_on(async {
         // The upstream tasks serve until the runtime is dropped at the end of the run.
         let ok = |_req, _peer| async {
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
@@ -111,27 +123,31 @@ client_secret = "bench-secret"
         let upstream_client = Upstream::new(&config.upstream, tls, Default::default()).unwrap();
         let metrics = Arc::new(Metrics::new());
         let registry = Registry::new(&config, &upstream_client, &metrics, None, None).unwrap();
-        (upstream, token, proxy, dir, registry)
+        let basic = HeaderValue::from_static("Basic c3ZjOmJlbmNoLXBhc3N3b3Jk");
+        let mut bares = Vec::new();
+        for (target, name) in [(upstream, HOST), (legacy, LEGACY)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            bares.push(listener.local_addr().unwrap());
+            tokio::spawn(bare::serve(listener, target, name, ca.clone(), basic.clone()));
+        }
+        (upstream, token, proxy, dir, registry, bares[0], bares[1])
     });
-    use rustls_pki_types::pem::PemObject;
-    let mut ca = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes()) {
-        ca.add(cert.unwrap()).unwrap();
-    }
     Peers {
         runtime,
         registry,
         upstream,
         proxy,
+        bare,
+        bare_http1,
         ca,
         _dir: dir,
         _token: token,
     }
 }
 
-/// An HTTP/1.1 keepalive connection: over TLS to the upstream, or plain to the proxy.
-async fn connect(peers: &Peers, direct: bool) -> SendRequest<Empty<Bytes>> {
-    if direct {
+/// An HTTP/1.1 keepalive connection: over TLS to the upstream (`None`), or plain to a forwarder.
+async fn connect(peers: &Peers, forwarder: Option<SocketAddr>) -> SendRequest<Empty<Bytes>> {
+    let Some(forwarder) = forwarder else {
         let config = rustls::ClientConfig::builder()
             .with_root_certificates(peers.ca.clone())
             .with_no_client_auth();
@@ -141,12 +157,11 @@ async fn connect(peers: &Peers, direct: bool) -> SendRequest<Empty<Bytes>> {
             .connect(HOST.try_into().unwrap(), tcp)
             .await
             .unwrap();
-        handshake(TokioIo::new(tls)).await
-    } else {
-        let tcp = TcpStream::connect(peers.proxy).await.unwrap();
-        tcp.set_nodelay(true).unwrap();
-        handshake(TokioIo::new(tcp)).await
-    }
+        return handshake(TokioIo::new(tls)).await;
+    };
+    let tcp = TcpStream::connect(forwarder).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    handshake(TokioIo::new(tcp)).await
 }
 
 async fn handshake<T>(io: T) -> SendRequest<Empty<Bytes>>
@@ -176,13 +191,15 @@ async fn call(sender: &mut SendRequest<Empty<Bytes>>, connector: Option<&str>) {
 fn whole_request(c: &mut Criterion) {
     let peers = start();
     let mut group = c.benchmark_group("whole_request");
-    for (name, connector) in [
-        ("direct", None),
-        ("proxy_basic", Some("basic")),
-        ("proxy_basic_http1", Some("basic_http1")),
-        ("proxy_oauth_cached", Some("oauth")),
+    for (name, forwarder, connector) in [
+        ("direct", None, None),
+        ("bare", Some(peers.bare), None),
+        ("proxy_basic", Some(peers.proxy), Some("basic")),
+        ("bare_http1", Some(peers.bare_http1), None),
+        ("proxy_basic_http1", Some(peers.proxy), Some("basic_http1")),
+        ("proxy_oauth_cached", Some(peers.proxy), Some("oauth")),
     ] {
-        let mut sender = peers.runtime.block_on(connect(&peers, connector.is_none()));
+        let mut sender = peers.runtime.block_on(connect(&peers, forwarder));
         // The first OAuth call fetches the token; the benchmark measures the cached path.
         peers.runtime.block_on(call(&mut sender, connector));
         group.bench_function(name, |b| {
