@@ -29,6 +29,7 @@ cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}                   # rounds of nginx, HAProxy, bare and proxy at 32 connections
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a whole number from 1, not '$ROUNDS'" >&2; exit 1; }
 CONNECTIONS=${CONNECTIONS:-32}
 PROXY_CORE=${PROXY_CORE:-0}
 UPSTREAM_HTTP2=${UPSTREAM_HTTP2:-1}   # 0: the upstream offers only HTTP/1.1 (as nginx proxies to it)
@@ -339,7 +340,8 @@ table_head() {
     echo
     echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); kernel $(uname -r)"
     echo "$CONNECTIONS connections, ${DURATION}s per run, upstream and proxy on core $PROXY_CORE, wrk on core $LOAD_CORE, upstream offers h2: $UPSTREAM_HTTP2"
-    echo "nginx, HAProxy, bare and connector-proxy (Basic): medians of $ROUNDS rounds; the other rows: one run each"
+    echo "nginx, HAProxy, bare and connector-proxy (Basic): medians of $ROUNDS rounds, and ratios of those medians; the"
+    echo "other rows, direct included (run before the rounds): one run each. The ratios to quote are the per-round ones below."
     echo
     echo "| path                                     |     req/s | p50 ms  | p99 ms  | RSS KiB  | vs nginx | vs HAProxy | vs bare | vs direct | p99 vs nginx | proxy CPU us/req | upstream CPU us/req |"
     echo "| ---------------------------------------- | --------: | ------: | ------: | -------: | -------: | ---------: | ------: | --------: | -----------: | -----: | -----: |"

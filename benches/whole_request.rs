@@ -10,10 +10,10 @@
 //! reads the 2-byte answer, so the difference between them is what the proxy adds per request.
 //! All peers listen on 127.0.0.1 and share this process's runtime.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
 #[path = "bare/mod.rs"]
 mod bare;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -280,14 +280,20 @@ pub(crate) mod sweep_timeline {
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
 
-    /// On to the look at 112.5 s, which finds the first connection idle past the limit and the
-    /// second for 52.5 s; the first one's task (`first`) then ends.
-    pub async fn the_first_closes(first: JoinHandle<()>) {
+    /// On to 113 s: by then a look (every 22.5 s, the first at 0 s) has found the first
+    /// connection idle for the limit, while the second has been idle for 53 s at most.
+    pub async fn until_the_first_is_swept() {
         tokio::time::sleep(Duration::from_secs(53)).await;
+    }
+
+    /// [`until_the_first_is_swept`], then the first one's task (`first`) ends: for a
+    /// connection over an in-memory pipe, whose close the paused clock does not outrun.
+    pub async fn the_first_closes(first: JoinHandle<()>) {
+        until_the_first_is_swept().await;
         ends_within(
             Duration::from_secs(1),
             first,
-            "the connection idle for 112.5 s closes",
+            "the connection idle past the limit closes",
         )
         .await;
     }
@@ -304,6 +310,7 @@ pub(crate) mod sweep_timeline {
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     use tokio::sync::{mpsc, oneshot};
 
@@ -333,6 +340,7 @@ mod tests {
     fn order(queued_last: bool) -> Vec<&'static str> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
+            .enable_time()
             .build()
             .unwrap();
         let (done, finished) = oneshot::channel();
@@ -340,44 +348,51 @@ mod tests {
             names: Vec::new(),
             done: Some(done),
         })));
-        let request_log = log.clone();
-        runtime.spawn(async move {
-            let log = request_log;
-            let (work, mut works) = mpsc::unbounded_channel::<Option<oneshot::Sender<()>>>();
-            let conn_log = log.clone();
-            let conn = async move {
-                while let Some(work) = works.recv().await {
-                    match work {
-                        Some(reply) => drop(reply.send(())),
-                        None => conn_log.ran("conn"),
-                    }
+        let (work, mut works) = mpsc::unbounded_channel::<Option<oneshot::Sender<()>>>();
+        let conn_log = log.clone();
+        let conn = async move {
+            while let Some(work) = works.recv().await {
+                match work {
+                    Some(reply) => drop(reply.send(())),
+                    None => conn_log.ran("conn"),
                 }
-            };
+            }
+        };
+        // Spawned from outside the worker, and idle, waiting on its channel, once it has
+        // answered: the request below starts with nothing in the worker's LIFO slot.
+        let (reply, replied) = oneshot::channel();
+        {
+            let _runtime = runtime.enter();
             if queued_last {
                 super::spawn_queued_last(conn);
             } else {
                 tokio::spawn(conn);
             }
-            // Once it has answered, the connection task waits on its channel, idle.
-            let (reply, replied) = oneshot::channel();
-            work.send(Some(reply)).unwrap();
-            replied.await.unwrap();
+        }
+        work.send(Some(reply)).unwrap();
+        runtime.block_on(replied).unwrap();
+        let request_log = log.clone();
+        runtime.spawn(async move {
             for name in ["a", "b", "c"] {
-                let log = log.clone();
+                let log = request_log.clone();
                 tokio::spawn(async move { log.ran(name) });
             }
             // The request hands the connection its work, as a request opens a stream, and
             // its task ends.
             work.send(None).unwrap();
         });
-        runtime.block_on(finished).unwrap();
+        runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), finished).await })
+            .expect("all four tasks run")
+            .unwrap();
         log.0.lock().unwrap().names.clone()
     }
 
     /// `spawn_queued_last` rests on how tokio schedules, which no API promises: a task woken
     /// by the running one runs next (its LIFO slot), ahead of the tasks already queued, while a
     /// task that wakes itself goes to the back of the queue. This fails when either changes:
-    /// the wrapper would then be needless, or would no longer put the connection last.
+    /// the wrapper would then be needless, or would no longer put the connection last. (tokio
+    /// caps LIFO polls in a row at three; the sequence here takes one.)
     #[test]
     fn a_connection_task_woken_by_a_request_runs_after_the_tasks_already_queued() {
         assert_eq!(order(false), ["conn", "a", "b", "c"], "tokio's LIFO slot");
