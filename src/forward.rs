@@ -265,6 +265,67 @@ impl From<ConnectError> for ForwardError {
     }
 }
 
+/// What both pools' tests connect with: a TLS server configuration and a client trusting it,
+/// and a connector reaching the server on 127.0.0.1 under a name.
+#[cfg(test)]
+pub(crate) mod test_upstream {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    use super::connect::{ConnectSettings, UpstreamConnector};
+    use super::policy::AddressPolicy;
+
+    /// A CA-signed certificate for `name`, and a client configuration trusting its CA; both
+    /// offer `alpn` alone.
+    pub fn tls(name: &str, alpn: &[u8]) -> (rustls::ServerConfig, Arc<rustls::ClientConfig>) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let mut server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .unwrap();
+        server.alpn_protocols = vec![alpn.to_vec()];
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(issuer.der().clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![alpn.to_vec()];
+        (server, Arc::new(client))
+    }
+
+    /// A connector reaching `name` (port 443) at `addr`, trusting what `tls` trusts.
+    pub fn connector(
+        tls: Arc<rustls::ClientConfig>,
+        name: &str,
+        addr: SocketAddr,
+    ) -> UpstreamConnector {
+        UpstreamConnector::new(
+            tls,
+            ConnectSettings {
+                policy: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+                pins: HashMap::from([((name.to_owned(), 443), addr)]),
+                timeout: Duration::from_secs(5),
+                per_host: 256,
+                handshakes: Default::default(),
+                egress: None,
+            },
+        )
+    }
+}
+
 /// The timeline both pools' sweeper tests follow (paused clock): a limit of 90 s, so a look
 /// every 22.5 s; one connection left idle at 0 s, another at 60 s.
 #[cfg(test)]

@@ -2,50 +2,20 @@
 //! pieces reach the caller, a connection the server closed while idle is passed over, and
 //! connections close cleanly when the sweeper or a reload lets them go.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use http_body_util::{BodyExt, Either, Full};
 use hyper::service::service_fn;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::forward::connect::ConnectSettings;
-use crate::forward::policy::AddressPolicy;
 use crate::forward::sweep_timeline::{self, LIMIT, ends_within};
+use crate::forward::test_upstream;
 
 const NAME: &str = "legacy.example.com";
-
-/// A CA-signed certificate for `NAME` and a client configuration trusting its CA, both
-/// speaking HTTP/1.1 only.
-fn tls() -> (rustls::ServerConfig, Arc<rustls::ClientConfig>) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec![NAME.to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-    let mut server = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], key)
-        .unwrap();
-    server.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(issuer.der().clone()).unwrap();
-    let mut client = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client.alpn_protocols = vec![b"http/1.1".to_vec()];
-    (server, Arc::new(client))
-}
 
 /// One connection the server accepted: its task, which ends when the connection closes, a way
 /// to have the server close it once it is idle, and whether the client closed it cleanly (a TLS
@@ -131,19 +101,9 @@ async fn server(config: rustls::ServerConfig) -> (SocketAddr, mpsc::UnboundedRec
 
 /// A server and a pool reaching it under `NAME`, whose connections close after `idle`.
 async fn start(idle: Duration) -> (Http1Pool, mpsc::UnboundedReceiver<Accepted>) {
-    let (server_tls, client_tls) = tls();
+    let (server_tls, client_tls) = test_upstream::tls(NAME, b"http/1.1");
     let (addr, accepts) = server(server_tls).await;
-    let connector = UpstreamConnector::new(
-        client_tls,
-        ConnectSettings {
-            policy: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
-            pins: HashMap::from([((NAME.to_owned(), 443), addr)]),
-            timeout: Duration::from_secs(5),
-            per_host: 256,
-            handshakes: Default::default(),
-            egress: None,
-        },
-    );
+    let connector = test_upstream::connector(client_tls, NAME, addr);
     (Http1Pool::new(connector, idle), accepts)
 }
 

@@ -1,7 +1,6 @@
 //! The pool's own life cycle against a real TLS HTTP/2 server on 127.0.0.1: a connection left
 //! unused is closed, and the next request makes a new one.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,42 +10,14 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use http_body_util::{BodyExt, Either, Full};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::{Http2Pool, Route};
-use crate::forward::connect::UpstreamConnector;
-use crate::forward::policy::AddressPolicy;
 use crate::forward::sweep_timeline::{self, LIMIT, ends_within};
+use crate::forward::test_upstream;
 
 const NAME: &str = "idle.example.com";
-
-/// A CA-signed certificate for `NAME` and a client configuration trusting its CA.
-fn tls() -> (rustls::ServerConfig, Arc<rustls::ClientConfig>) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec![NAME.to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-    let mut server = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], key)
-        .unwrap();
-    server.alpn_protocols = vec![b"h2".to_vec()];
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(issuer.der().clone()).unwrap();
-    let mut client = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client.alpn_protocols = vec![b"h2".to_vec()];
-    (server, Arc::new(client))
-}
 
 /// Answers every request "ok"; counts the connections it accepts and reports each one's end.
 async fn server(
@@ -83,19 +54,9 @@ async fn server(
 
 /// A server and a pool reaching it under `NAME`, whose connections close after `idle`.
 async fn start(idle: Duration) -> (Http2Pool, Arc<AtomicUsize>, mpsc::Receiver<()>) {
-    let (server_tls, client_tls) = tls();
+    let (server_tls, client_tls) = test_upstream::tls(NAME, b"h2");
     let (addr, accepted, ends) = server(server_tls).await;
-    let connector = UpstreamConnector::new(
-        client_tls,
-        super::super::connect::ConnectSettings {
-            policy: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
-            pins: HashMap::from([((NAME.to_owned(), 443), addr)]),
-            timeout: Duration::from_secs(5),
-            per_host: 256,
-            handshakes: Default::default(),
-            egress: None,
-        },
-    );
+    let connector = test_upstream::connector(client_tls, NAME, addr);
     (Http2Pool::new(connector, idle), accepted, ends)
 }
 
