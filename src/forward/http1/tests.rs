@@ -58,7 +58,7 @@ async fn server(config: rustls::ServerConfig) -> (SocketAddr, mpsc::UnboundedRec
             let clean = Arc::new(AtomicBool::new(false));
             let ended_cleanly = clean.clone();
             let task = tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let service = service_fn(|request: Request<Incoming>| async move {
@@ -81,17 +81,22 @@ async fn server(config: rustls::ServerConfig) -> (SocketAddr, mpsc::UnboundedRec
                     };
                     Ok::<_, Infallible>(Response::new(body))
                 });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service);
-                let mut connection = std::pin::pin!(connection);
-                let ended = tokio::select! {
-                    ended = connection.as_mut() => ended,
-                    () = closing.notified() => {
-                        connection.as_mut().graceful_shutdown();
-                        connection.await
+                {
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(&mut tls), service);
+                    let mut connection = std::pin::pin!(connection);
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        () = closing.notified() => {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = connection.await;
+                        }
                     }
-                };
-                ended_cleanly.store(ended.is_ok(), Ordering::SeqCst);
+                }
+                // hyper ends a connection whose client went away while idle without an error
+                // either way; rustls knows whether a close_notify came first.
+                let state = tls.get_mut().1.process_new_packets();
+                ended_cleanly.store(state.is_ok_and(|io| io.peer_has_closed()), Ordering::SeqCst);
             });
             let _ = accepted.send(Accepted { task, close, clean });
         }
