@@ -123,6 +123,7 @@ client_secret = "bench-secret"
         let upstream_client = Upstream::new(&config.upstream, tls, Default::default()).unwrap();
         let metrics = Arc::new(Metrics::new());
         let registry = Registry::new(&config, &upstream_client, &metrics, None, None).unwrap();
+        // svc:bench-password, what the Basic connectors send (the upstream checks none).
         let basic = HeaderValue::from_static("Basic c3ZjOmJlbmNoLXBhc3N3b3Jk");
         let mut bares = Vec::new();
         for (target, name) in [(upstream, HOST), (legacy, LEGACY)] {
