@@ -11,6 +11,7 @@ pub mod policy;
 
 use std::future::{Future, poll_fn};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -61,6 +62,7 @@ pub struct Upstream {
     /// For servers that chose HTTP/1.1.
     http1: Arc<Http1Pool>,
     request_timeout: Duration,
+    busy: Busy,
 }
 
 /// A client configuration that trusts no server, for unit tests that never connect.
@@ -137,10 +139,16 @@ impl Upstream {
                 egress,
             },
         );
+        let busy = Busy::default();
         Ok(Self {
-            http2: Arc::new(Http2Pool::new(connector.clone(), IDLE_TIMEOUT)),
-            http1: Arc::new(Http1Pool::new(connector, IDLE_TIMEOUT)),
+            http2: Arc::new(Http2Pool::new(
+                connector.clone(),
+                IDLE_TIMEOUT,
+                busy.clone(),
+            )),
+            http1: Arc::new(Http1Pool::new(connector, IDLE_TIMEOUT, busy.clone())),
             request_timeout: settings.request_timeout,
+            busy,
         })
     }
 
@@ -184,6 +192,7 @@ impl Upstream {
         request: Request<UpstreamBody>,
         deadline: Instant,
     ) -> Result<Response<ReceivedBody>, ForwardError> {
+        let _exchange = self.busy.enter();
         let exchange = async {
             match self.http2.route(request.uri()).await? {
                 Route::Http2(conn) => Ok(conn.send(request).await?.map(Either::Left)),
@@ -210,13 +219,46 @@ impl Upstream {
     }
 }
 
-/// Spawns an upstream connection's task so that, whenever it is woken, it runs after the tasks
-/// already queued on its worker: the requests ready at that moment have all handed it their
-/// work before it writes, and the upstream (on the same core, in the load runs) reads them at
-/// once. tokio would otherwise run a task woken by the running one next (its LIFO slot): one
-/// TLS record and one `write` per request on an HTTP/2 connection. Woken, the task first yields
-/// once; a task that wakes itself is queued at the back. BENCHMARKS findings 15 and 21.
-pub(crate) fn spawn_queued_last<F>(task: F)
+/// How many exchanges ([`Upstream::send`], connecting included) are under way: whether a
+/// connection task woken now has other requests about to wait for (`spawn_queued_last`).
+#[derive(Clone, Default)]
+pub struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    /// Counts one exchange until the guard drops.
+    pub(crate) fn enter(&self) -> Exchange {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Exchange(self.0.clone())
+    }
+
+    /// Whether another exchange than the one at hand is under way.
+    fn others(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > 1
+    }
+}
+
+/// One exchange counted in [`Busy`].
+pub struct Exchange(Arc<AtomicUsize>);
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Spawns an upstream connection's task so that, whenever it is woken while other exchanges
+/// are under way (`busy`), it runs after the tasks already queued on its worker: the requests
+/// ready at that moment have all handed it their work before it writes, and the upstream (on
+/// the same core, in the load runs) reads them at once. tokio would otherwise run a task woken
+/// by the running one next (its LIFO slot): one TLS record and one `write` per request on an
+/// HTTP/2 connection. Woken, the task first yields once; a task that wakes itself is queued at
+/// the back. BENCHMARKS findings 15 and 21.
+///
+/// With one exchange alone there is nothing to wait for, and the yield would cost it: a task
+/// queued at the back makes tokio wake a parked worker to share the queue. At one request at
+/// a time on two cores that was five system calls and a third of the proxy's CPU a request
+/// (BENCHMARKS finding 52).
+pub(crate) fn spawn_queued_last<F>(task: F, busy: Busy)
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
@@ -225,11 +267,11 @@ where
         let mut task = std::pin::pin!(task);
         let mut yielded = false;
         poll_fn(|cx| {
-            if !std::mem::replace(&mut yielded, true) {
+            if !std::mem::replace(&mut yielded, false) && busy.others() {
+                yielded = true;
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            yielded = false;
             task.as_mut().poll(cx).map(drop)
         })
         .await;
@@ -370,10 +412,18 @@ pub(crate) mod sweep_timeline {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::{Either, Full};
     use tokio::sync::{mpsc, oneshot};
+    use tokio::time::Instant;
+
+    use super::{Busy, ForwardError, Upstream, trusting_nothing};
+    use crate::config::UpstreamSettings;
 
     /// Who ran, in order; the fourth to run says so.
     #[derive(Clone)]
@@ -396,9 +446,16 @@ mod tests {
         }
     }
 
+    /// How the connection task is spawned: by tokio alone, or by `spawn_queued_last` while
+    /// this many exchanges are under way (the waking request's included).
+    enum Spawn {
+        Plain,
+        QueuedLast { exchanges: usize },
+    }
+
     /// The order in which a connection task woken by a request runs, against three tasks
     /// queued before the wake-up, on one worker (as the proxy runs in the load runs).
-    fn order(queued_last: bool) -> Vec<&'static str> {
+    fn order(spawn: Spawn) -> Vec<&'static str> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_time()
@@ -424,10 +481,19 @@ mod tests {
         let (reply, replied) = oneshot::channel();
         {
             let _runtime = runtime.enter();
-            if queued_last {
-                super::spawn_queued_last(conn);
-            } else {
-                tokio::spawn(conn);
+            match spawn {
+                Spawn::Plain => drop(tokio::spawn(conn)),
+                Spawn::QueuedLast { exchanges } => {
+                    let busy = Busy::default();
+                    let under_way: Vec<_> = (0..exchanges).map(|_| busy.enter()).collect();
+                    super::spawn_queued_last(
+                        async move {
+                            conn.await;
+                            drop(under_way);
+                        },
+                        busy,
+                    );
+                }
             }
         }
         work.send(Some(reply)).unwrap();
@@ -456,7 +522,84 @@ mod tests {
     /// caps LIFO polls in a row at three; the sequence here takes one.)
     #[test]
     fn a_connection_task_woken_by_a_request_runs_after_the_tasks_already_queued() {
-        assert_eq!(order(false), ["conn", "a", "b", "c"], "tokio's LIFO slot");
-        assert_eq!(order(true), ["a", "b", "c", "conn"], "queued last");
+        assert_eq!(
+            order(Spawn::Plain),
+            ["conn", "a", "b", "c"],
+            "tokio's LIFO slot"
+        );
+        assert_eq!(
+            order(Spawn::QueuedLast { exchanges: 2 }),
+            ["a", "b", "c", "conn"],
+            "queued last"
+        );
+    }
+
+    /// With its request the only exchange under way, the connection does not yield: it runs
+    /// next, as tokio would run it.
+    #[test]
+    fn a_connection_task_woken_by_the_only_exchange_runs_next() {
+        assert_eq!(
+            order(Spawn::QueuedLast { exchanges: 1 }),
+            ["conn", "a", "b", "c"]
+        );
+    }
+
+    impl Busy {
+        fn count(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    /// `Upstream::send` counts its exchange while it is under way, and no longer once it has
+    /// failed or been dropped: a count that leaked would have every connection task yield, and
+    /// one never made would have none yield under load.
+    #[tokio::test]
+    async fn an_exchange_is_counted_while_under_way_only() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // Takes the connection and never answers its TLS hello.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = UpstreamSettings {
+            connect_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            max_replay_body: 0,
+            replay_memory: 0,
+            max_connections_per_host: 4,
+            extra_roots: Vec::new(),
+            allow_networks: vec!["127.0.0.0/8".parse().unwrap()],
+            resolve: HashMap::from([
+                (
+                    ("silent.test".to_owned(), 443),
+                    silent.local_addr().unwrap(),
+                ),
+                (
+                    ("private.test".to_owned(), 443),
+                    "10.0.0.1:443".parse().unwrap(),
+                ),
+            ]),
+            egress_proxy: None,
+            no_proxy: Vec::new(),
+        };
+        let upstream = Upstream::new(&settings, trusting_nothing(), Default::default()).unwrap();
+        let request = |host: &str| {
+            Request::get(format!("https://{host}/"))
+                .body(Either::Right(Full::new(Bytes::new())))
+                .unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+
+        match upstream.send(request("private.test"), deadline).await {
+            Err(ForwardError::AddressDenied(_)) => {}
+            other => panic!("expected the address denied, got {:?}", other.err()),
+        }
+        assert_eq!(upstream.busy.count(), 0, "after a failed exchange");
+
+        let mut waiting = Box::pin(upstream.send(request("silent.test"), deadline));
+        let _held = tokio::select! {
+            accepted = silent.accept() => accepted.unwrap(),
+            sent = &mut waiting => panic!("the silent upstream answered: {:?}", sent.err()),
+        };
+        assert_eq!(upstream.busy.count(), 1, "while waiting for the upstream");
+        drop(waiting);
+        assert_eq!(upstream.busy.count(), 0, "after a dropped exchange");
     }
 }

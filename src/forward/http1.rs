@@ -24,12 +24,14 @@ use tokio::time::Instant;
 
 use super::connect::{ConnectError, UpstreamConnector, UpstreamStream};
 use super::hosts::Hosts;
-use super::{ForwardError, UpstreamBody};
+use super::{Busy, ForwardError, UpstreamBody};
 
 pub struct Http1Pool {
     hosts: Hosts<Host>,
     connector: UpstreamConnector,
     idle_timeout: Duration,
+    /// Whether a woken connection task waits for the other requests (`spawn_queued_last`).
+    busy: Busy,
 }
 
 /// One target authority.
@@ -74,11 +76,12 @@ pub enum Sent {
 const UNSENT_RETRIES: usize = 4;
 
 impl Http1Pool {
-    pub fn new(connector: UpstreamConnector, idle_timeout: Duration) -> Self {
+    pub fn new(connector: UpstreamConnector, idle_timeout: Duration, busy: Busy) -> Self {
         Self {
             hosts: Hosts::default(),
             connector,
             idle_timeout,
+            busy,
         }
     }
 
@@ -225,11 +228,14 @@ impl Http1Pool {
         let authority = uri.authority().map(ToString::to_string).unwrap_or_default();
         // No timer of its own: polled on every read and write, one would cost each request a
         // poll of it (BENCHMARKS finding 35). The host's sweeper closes it when idle.
-        super::spawn_queued_last(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%authority, error = %e, "upstream HTTP/1.1 connection ended");
-            }
-        });
+        super::spawn_queued_last(
+            async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(%authority, error = %e, "upstream HTTP/1.1 connection ended");
+                }
+            },
+            self.busy.clone(),
+        );
         Ok(Pooled { send })
     }
 }

@@ -26,7 +26,7 @@ use tokio::task::AbortHandle;
 
 use super::connect::{ConnectError, UpstreamConnector, UpstreamStream};
 use super::hosts::Hosts;
-use super::{ForwardError, UpstreamBody};
+use super::{Busy, ForwardError, UpstreamBody};
 use crate::body::BoxError;
 
 /// hyper's HTTP/2 client settings, kept so that upstreams see what they saw before.
@@ -41,6 +41,8 @@ pub struct Http2Pool {
     hosts: Hosts<Host>,
     connector: UpstreamConnector,
     idle_timeout: Duration,
+    /// Whether a woken connection task waits for the other requests (`spawn_queued_last`).
+    busy: Busy,
 }
 
 /// How many HTTP/2 connections one authority may have (fewer where
@@ -128,11 +130,12 @@ impl Http2Pool {
         MAX_CONNECTIONS_PER_HOST.min(self.connector.per_host())
     }
 
-    pub fn new(connector: UpstreamConnector, idle_timeout: Duration) -> Self {
+    pub fn new(connector: UpstreamConnector, idle_timeout: Duration, busy: Busy) -> Self {
         Self {
             hosts: Hosts::default(),
             connector,
             idle_timeout,
+            busy,
         }
     }
 
@@ -245,7 +248,7 @@ impl Http2Pool {
         let mut ping = connection
             .ping_pong()
             .expect("a new connection has its ping handle");
-        super::spawn_queued_last(drive(connection, watch));
+        super::spawn_queued_last(drive(connection, watch), self.busy.clone());
         // The server's SETTINGS come before its answer to a PING. Until they are in, h2 assumes
         // a limit of 100 concurrent streams: a burst could overrun a lower one and be refused.
         let timeout = self.connector.timeout();

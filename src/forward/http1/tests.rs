@@ -109,7 +109,7 @@ async fn start(idle: Duration) -> (Http1Pool, mpsc::UnboundedReceiver<Accepted>)
     let (server_tls, client_tls) = test_upstream::tls(NAME, b"http/1.1");
     let (addr, accepts) = server(server_tls).await;
     let connector = test_upstream::connector(client_tls, NAME, addr);
-    (Http1Pool::new(connector, idle), accepts)
+    (Http1Pool::new(connector, idle, Default::default()), accepts)
 }
 
 fn uri(path: &str) -> Uri {

@@ -57,7 +57,11 @@ async fn start(idle: Duration) -> (Http2Pool, Arc<AtomicUsize>, mpsc::Receiver<(
     let (server_tls, client_tls) = test_upstream::tls(NAME, b"h2");
     let (addr, accepted, ends) = server(server_tls).await;
     let connector = test_upstream::connector(client_tls, NAME, addr);
-    (Http2Pool::new(connector, idle), accepted, ends)
+    (
+        Http2Pool::new(connector, idle, Default::default()),
+        accepted,
+        ends,
+    )
 }
 
 async fn get(pool: &Http2Pool) -> String {
