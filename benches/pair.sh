@@ -9,11 +9,13 @@
 # PROXY_CORES (default 0, with nginx, as in load.sh), wrk on core 1. Prints, per run, req/s and
 # the CPU a request (user + system over the run, divided by the requests) of the proxy and of
 # nginx; then the medians of B's ratio to A (req/s) and of B's difference (CPU µs a request).
+# One build against a copy of itself gave 0.99x to 1.08x in four runs of 6 rounds (BENCHMARKS
+# finding 52): run it both ways round, and more than once, before reading a few percent.
 # Needs nginx, wrk, openssl and curl (`./scripts/test` installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 A=$1 B=$2 ROUNDS=${3:-8} SECS=${4:-4} CONNS=${5:-32}
