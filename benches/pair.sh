@@ -11,7 +11,7 @@
 # nginx; then the medians of B's ratio to A (req/s) and of B's difference (CPU µs a request).
 # One build against a copy of itself gave 0.99x to 1.08x in four runs of 6 rounds (BENCHMARKS
 # finding 52): run it both ways round, and more than once, before reading a few percent.
-# Needs nginx, wrk, openssl and curl (`./scripts/test` installs them).
+# Needs nginx, wrk, openssl and curl (`benches/load.sh` installs nginx and wrk when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
@@ -30,7 +30,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() {
     kill "${pids[@]}" 2>/dev/null || true
-    [ -f "$work/up.pid" ] && kill "$(cat "$work/up.pid")" 2>/dev/null
+    [ -f "$work/up.pid" ] && kill "$(cat "$work/up.pid")" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -57,24 +57,31 @@ for side in A B; do
 done
 for side in A B; do
     for _ in $(seq 100); do
-        curl -s -o /dev/null -H "X-Connector-Name: basic" "http://127.0.0.1:${port[$side]}/" && continue 2
+        curl -fs -o /dev/null -H "X-Connector-Name: basic" "http://127.0.0.1:${port[$side]}/" && continue 2
         sleep 0.1
     done
     echo "pair.sh: proxy $side did not answer; its log:" >&2
     cat "$work/$side.log" >&2
     exit 1
 done
-upstream_worker=$(pgrep -P "$(cat "$work/up.pid")" | head -1)
+upstream_worker=$(pgrep -P "$(cat "$work/up.pid")" | head -1 || true)
+[ -n "$upstream_worker" ] || { echo "pair.sh: nginx has no worker process" >&2; exit 1; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # run SIDE: one wrk run against SIDE's proxy; prints SIDE req/s proxy_us nginx_us.
 run() {
     local p0 u0 p1 u1 out n
     p0=$(cpu_ticks "${pid[$1]}")
     u0=$(cpu_ticks "$upstream_worker")
-    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" -H 'X-Connector-Name: basic' "http://127.0.0.1:${port[$1]}/" 2>&1)
+    out=$(timeout $((SECS + 30)) taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" -H 'X-Connector-Name: basic' \
+        "http://127.0.0.1:${port[$1]}/" 2>&1) || { echo "pair.sh: wrk against $1 failed: $out" >&2; exit 1; }
     p1=$(cpu_ticks "${pid[$1]}")
     u1=$(cpu_ticks "$upstream_worker")
     n=$(awk '/requests in/ {print $1}' <<<"$out")
+    # Answers other than 2xx would count as throughput: a run with any is no measurement.
+    if ! [[ $n =~ ^[1-9][0-9]*$ ]] || grep -q 'Non-2xx' <<<"$out"; then
+        echo "pair.sh: wrk against $1 gave no clean count: $out" >&2
+        exit 1
+    fi
     awk -v s="$1" -v n="$n" -v d="$SECS" -v p=$((p1 - p0)) -v u=$((u1 - u0)) -v hz="$(getconf CLK_TCK)" \
         'BEGIN { printf "%s %.0f %.1f %.1f\n", s, n / d, p / hz * 1e6 / n, u / hz * 1e6 / n }'
 }

@@ -226,9 +226,9 @@ pub struct Busy(Arc<AtomicUsize>);
 
 impl Busy {
     /// Counts one exchange until the guard drops.
-    pub(crate) fn enter(&self) -> Exchange {
+    pub(crate) fn enter(&self) -> Exchange<'_> {
         self.0.fetch_add(1, Ordering::Relaxed);
-        Exchange(self.0.clone())
+        Exchange(&self.0)
     }
 
     /// Whether another exchange than the one at hand is under way.
@@ -238,9 +238,9 @@ impl Busy {
 }
 
 /// One exchange counted in [`Busy`].
-pub struct Exchange(Arc<AtomicUsize>);
+pub struct Exchange<'a>(&'a AtomicUsize);
 
-impl Drop for Exchange {
+impl Drop for Exchange<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -484,15 +484,11 @@ mod tests {
             match spawn {
                 Spawn::Plain => drop(tokio::spawn(conn)),
                 Spawn::QueuedLast { exchanges } => {
+                    // Counted for good: the runtime and the count end with the test.
                     let busy = Busy::default();
-                    let under_way: Vec<_> = (0..exchanges).map(|_| busy.enter()).collect();
-                    super::spawn_queued_last(
-                        async move {
-                            conn.await;
-                            drop(under_way);
-                        },
-                        busy,
-                    );
+                    busy.0
+                        .store(exchanges, std::sync::atomic::Ordering::Relaxed);
+                    super::spawn_queued_last(conn, busy);
                 }
             }
         }
@@ -580,20 +576,27 @@ mod tests {
             no_proxy: Vec::new(),
         };
         let upstream = Upstream::new(&settings, trusting_nothing(), Default::default()).unwrap();
-        let request = |host: &str| {
-            Request::get(format!("https://{host}/"))
+        let request = |uri: &str| {
+            Request::get(uri)
                 .body(Either::Right(Full::new(Bytes::new())))
                 .unwrap()
         };
         let deadline = Instant::now() + Duration::from_secs(30);
 
-        match upstream.send(request("private.test"), deadline).await {
-            Err(ForwardError::AddressDenied(_)) => {}
-            other => panic!("expected the address denied, got {:?}", other.err()),
+        // The pools wait on the count their `Upstream` keeps.
+        assert!(Arc::ptr_eq(&upstream.busy.0, &upstream.http1.busy.0));
+        assert!(Arc::ptr_eq(&upstream.busy.0, &upstream.http2.busy.0));
+
+        match upstream
+            .send(request("http://silent.test/"), deadline)
+            .await
+        {
+            Err(ForwardError::Unreachable(_)) => {}
+            other => panic!("expected plain http refused, got {:?}", other.err()),
         }
         assert_eq!(upstream.busy.count(), 0, "after a failed exchange");
 
-        let mut waiting = Box::pin(upstream.send(request("silent.test"), deadline));
+        let mut waiting = Box::pin(upstream.send(request("https://silent.test/"), deadline));
         let _held = tokio::select! {
             accepted = silent.accept() => accepted.unwrap(),
             sent = &mut waiting => panic!("the silent upstream answered: {:?}", sent.err()),

@@ -31,7 +31,7 @@ pub struct Http1Pool {
     connector: UpstreamConnector,
     idle_timeout: Duration,
     /// Whether a woken connection task waits for the other requests (`spawn_queued_last`).
-    busy: Busy,
+    pub(super) busy: Busy,
 }
 
 /// One target authority.

@@ -42,7 +42,7 @@ pub struct Http2Pool {
     connector: UpstreamConnector,
     idle_timeout: Duration,
     /// Whether a woken connection task waits for the other requests (`spawn_queued_last`).
-    busy: Busy,
+    pub(super) busy: Busy,
 }
 
 /// How many HTTP/2 connections one authority may have (fewer where
