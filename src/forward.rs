@@ -413,6 +413,7 @@ pub(crate) mod sweep_timeline {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
@@ -486,8 +487,7 @@ mod tests {
                 Spawn::QueuedLast { exchanges } => {
                     // Counted for good: the runtime and the count end with the test.
                     let busy = Busy::default();
-                    busy.0
-                        .store(exchanges, std::sync::atomic::Ordering::Relaxed);
+                    busy.0.store(exchanges, Ordering::Relaxed);
                     super::spawn_queued_last(conn, busy);
                 }
             }
@@ -542,7 +542,7 @@ mod tests {
 
     impl Busy {
         fn count(&self) -> usize {
-            self.0.load(std::sync::atomic::Ordering::Relaxed)
+            self.0.load(Ordering::Relaxed)
         }
     }
 
@@ -562,16 +562,10 @@ mod tests {
             max_connections_per_host: 4,
             extra_roots: Vec::new(),
             allow_networks: vec!["127.0.0.0/8".parse().unwrap()],
-            resolve: HashMap::from([
-                (
-                    ("silent.test".to_owned(), 443),
-                    silent.local_addr().unwrap(),
-                ),
-                (
-                    ("private.test".to_owned(), 443),
-                    "10.0.0.1:443".parse().unwrap(),
-                ),
-            ]),
+            resolve: HashMap::from([(
+                ("silent.test".to_owned(), 443),
+                silent.local_addr().unwrap(),
+            )]),
             egress_proxy: None,
             no_proxy: Vec::new(),
         };
