@@ -606,7 +606,10 @@ mod tests {
         let upstream = loopback_upstream(HashMap::new());
         let send = upstream.send(request("https://a.test/"), Instant::now());
         let size = std::mem::size_of_val(&send);
-        assert!(size <= LIMIT, "Upstream::send's future is {size} bytes, over {LIMIT}");
+        assert!(
+            size <= LIMIT,
+            "Upstream::send's future is {size} bytes, over {LIMIT}"
+        );
         const LIMIT: usize = 2_400;
     }
 
