@@ -433,7 +433,7 @@ impl Exchange<'_> {
                 response
             }
             Kept::Whole { body, _memory } => {
-                let first = send(upstream, &parts, body.clone(), self.deadline).await?;
+                let first = send(upstream, &mut parts, body.clone(), self.deadline).await?;
                 if first.status() == StatusCode::UNAUTHORIZED
                     && connector.credentials.reject(&self.authorization)
                 {
@@ -442,7 +442,7 @@ impl Exchange<'_> {
                     trace.token = Some("replayed");
                     self.placement
                         .apply(&mut parts.uri, &mut parts.headers, &renewed);
-                    send(upstream, &parts, body, self.deadline).await?
+                    send(upstream, &mut parts, body, self.deadline).await?
                 } else {
                     first
                 }
@@ -451,23 +451,29 @@ impl Exchange<'_> {
     }
 }
 
-/// Sends a copy of `parts` (credentials included) with `body`, for a request that may go more
-/// than once: again when the upstream turned it away unprocessed.
+/// Sends `parts` (credentials included) with `body`, for a request that may go more than
+/// once: again when the upstream turned it away unprocessed. `parts` keeps a copy of the
+/// headers for that.
 async fn send(
     upstream: &Upstream,
-    parts: &http::request::Parts,
+    parts: &mut http::request::Parts,
     body: Bytes,
     deadline: tokio::time::Instant,
 ) -> Result<Response<ReceivedBody>, ProxyError> {
-    let copy = || {
+    let request = |headers| {
         let mut request = Request::new(Either::Right(Full::new(body.clone())));
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = parts.uri.clone();
-        *request.headers_mut() = parts.headers.clone();
+        *request.headers_mut() = headers;
         request
     };
+    // The header map itself goes first and the copy stays: hyper parses an HTTP/1.1 answer
+    // into the map of the request it sent, and a copy has no room to spare for that (one
+    // `Vec` growth a request, BENCHMARKS finding 54).
+    let copy = parts.headers.clone();
+    let first = request(std::mem::replace(&mut parts.headers, copy));
     Ok(upstream
-        .send_resending(copy(), deadline, || Some(copy()))
+        .send_resending(first, deadline, || Some(request(parts.headers.clone())))
         .await?)
 }
 

@@ -453,6 +453,20 @@ client_secret = "post-secret"
     assert_eq!(answered[1], "Bearer issued-after-refusal");
 }
 
+/// A request the upstream turned away unprocessed goes again with everything it had: the
+/// resend is built from the copy the handler keeps, the credentials included.
+#[tokio::test]
+async fn a_request_turned_away_unprocessed_is_sent_again_with_its_credentials() {
+    let pki = Pki::new();
+    let (crm, answered) = refuses_first_stream(&pki).await;
+    let config = common::one_basic_connector("crm", "login.example.com", crm, "");
+    let proxy = Proxy::start(&config, &[("ca.pem", &pki.ca_pem())], &[]);
+    let (status, body) = fetch(proxy.addr, "crm").await;
+    assert_eq!(status, 200, "{body:?}\n{}", proxy.log_text());
+    // `u:p`: the refused stream's resend, the only request answered.
+    assert_eq!(*answered.lock().unwrap(), ["Basic dTpw"]);
+}
+
 #[tokio::test]
 async fn a_stalled_token_endpoint_fails_only_its_own_callers() {
     use common::token::{Method, Mode, TokenServer};
