@@ -1,10 +1,11 @@
 //! Logs: `tracing` to stdout through a writer off the request path.
 //!
 //! A request's canonical line is formatted on the request's task and appended to a shared
-//! buffer: a lock and a copy, no system call. One thread writes the buffer out: woken by the
-//! first line after it went idle, it waits a millisecond for more to gather, then writes them
-//! all in one `write`, so a busy proxy makes one `write` and one wake-up per millisecond at the
-//! most instead of one per request. When the buffer holds [`PENDING_LIMIT`] bytes (stdout
+//! buffer: a lock and a copy, no system call. One thread writes the buffer out, at most once
+//! every [`LINGER`]: a line after a quiet spell goes out at once, and the lines that come
+//! sooner gather for the next `write`. A busy proxy makes one `write` and two context switches
+//! a `LINGER` instead of one a request; at one a millisecond they cost 13% of the throughput
+//! on one shared core (BENCHMARKS finding 55). When the buffer holds [`PENDING_LIMIT`] bytes (stdout
 //! slower than the requests), a line is dropped, not waited for, and counted
 //! (`connector_proxy_log_lines_dropped_total`). Written here rather than taken from
 //! `tracing-appender`, whose non-blocking writer sends each line through a channel (waking its
@@ -13,7 +14,7 @@
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
@@ -28,8 +29,9 @@ pub mod trace;
 /// Bytes waiting to be written at the most: past this, lines are dropped.
 const PENDING_LIMIT: usize = 1 << 20;
 
-/// How long the writer lets lines gather after the first of a burst.
-const LINGER: Duration = Duration::from_millis(1);
+/// The least time between two writes: lines that come sooner wait for the next. Far below what
+/// fills [`PENDING_LIMIT`] (1 MiB in 20 ms is 200,000 lines a second).
+const LINGER: Duration = Duration::from_millis(20);
 
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
@@ -43,7 +45,7 @@ pub enum LogFormat {
 /// stdout off the request path. Keep the guard until the process ends: dropping it writes out
 /// what is pending.
 pub fn init(format: LogFormat) -> LogGuard {
-    let (queue, guard) = Queue::start(io::stdout(), PENDING_LIMIT);
+    let (queue, guard) = Queue::start(io::stdout(), PENDING_LIMIT, LINGER);
     access::install(queue.clone(), format == LogFormat::Json);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // No colours, even on a terminal: tracing-subscriber's `ansi` feature styles every field
@@ -113,7 +115,11 @@ impl Shared {
 
 impl Queue {
     /// A queue holding up to `limit` bytes, written to `out` by a thread of its own.
-    pub fn start<W: Write + Send + 'static>(out: W, limit: usize) -> (Self, LogGuard) {
+    pub fn start<W: Write + Send + 'static>(
+        out: W,
+        limit: usize,
+        linger: Duration,
+    ) -> (Self, LogGuard) {
         let shared = Arc::new(Shared {
             pending: Mutex::default(),
             wake: Condvar::new(),
@@ -122,7 +128,7 @@ impl Queue {
         let writer = shared.clone();
         std::thread::Builder::new()
             .name("connector-proxy-log".into())
-            .spawn(move || write_out(&writer, out))
+            .spawn(move || write_out(&writer, out, linger))
             .expect("the log thread starts");
         (
             Self {
@@ -133,9 +139,11 @@ impl Queue {
     }
 }
 
-/// The writer thread: sleeps until a line comes, lets a burst gather, writes it whole.
-fn write_out<W: Write>(shared: &Shared, mut out: W) {
+/// The writer thread: sleeps until a line comes; writes what is pending at once if its last
+/// write was `linger` ago or more, else when it will be (or when a flush is asked for).
+fn write_out<W: Write>(shared: &Shared, mut out: W, linger: Duration) {
     let mut batch = Vec::new();
+    let mut last: Option<Instant> = None;
     loop {
         {
             let mut pending = shared.lock();
@@ -143,9 +151,17 @@ fn write_out<W: Write>(shared: &Shared, mut out: W) {
                 pending.idle = true;
                 pending = shared.wake.wait(pending).unwrap_or_else(|p| p.into_inner());
             }
+            if let Some(wait) =
+                last.and_then(|at| (at + linger).checked_duration_since(Instant::now()))
+            {
+                let _ = shared
+                    .wake
+                    .wait_timeout_while(pending, wait, |p| p.flushed.is_empty())
+                    .unwrap_or_else(|p| p.into_inner());
+            }
         }
-        std::thread::sleep(LINGER);
         write_batch(shared, &mut out, &mut batch);
+        last = Some(Instant::now());
     }
 }
 
@@ -203,11 +219,10 @@ impl Drop for LogGuard {
         let (done, written) = std::sync::mpsc::sync_channel(1);
         let mut pending = self.shared.lock();
         pending.flushed.push(done);
-        let wake = std::mem::take(&mut pending.idle);
+        pending.idle = false;
         drop(pending);
-        if wake {
-            self.shared.wake.notify_one();
-        }
+        // Idle or lingering, the writer wakes for it.
+        self.shared.wake.notify_one();
         let _ = written.recv_timeout(Duration::from_secs(1));
     }
 }
@@ -259,10 +274,31 @@ mod tests {
     #[test]
     fn the_guard_writes_out_what_is_pending() {
         let recorder = Recorder::default();
-        let (mut queue, guard) = Queue::start(recorder.clone(), 1 << 16);
+        let (mut queue, guard) = Queue::start(recorder.clone(), 1 << 16, LINGER);
         queue.write_all(b"last words\n").unwrap();
         drop(guard);
         let written: Vec<u8> = recorder.0.lock().unwrap().concat();
         assert_eq!(written, b"last words\n");
+    }
+
+    /// A line after a quiet spell is written at once; the lines that come within `linger` of a
+    /// write wait and go out together (here, with an hour's linger, when the guard asks).
+    #[test]
+    fn lines_after_a_write_gather_for_the_next_and_a_lone_line_goes_at_once() {
+        let recorder = Recorder::default();
+        let hour = Duration::from_secs(3600);
+        let (mut queue, guard) = Queue::start(recorder.clone(), 1 << 16, hour);
+        queue.write_all(b"first\n").unwrap();
+        let written = || recorder.0.lock().unwrap().len();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while written() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(written(), 1, "the first line was not written at once");
+        queue.write_all(b"second\n").unwrap();
+        queue.write_all(b"third\n").unwrap();
+        drop(guard);
+        let writes = recorder.0.lock().unwrap().clone();
+        assert_eq!(writes, [&b"first\n"[..], b"second\nthird\n"]);
     }
 }

@@ -442,7 +442,11 @@ impl Proxy {
         }
     }
 
+    /// The log so far, once lines the proxy may still hold have had time to arrive: its writer
+    /// writes at most once every 20 ms (`LINGER` in `src/telemetry.rs`), and a test that
+    /// looks for what must not be logged would otherwise miss the last of them.
     pub fn log_text(&self) -> String {
+        std::thread::sleep(Duration::from_millis(100));
         self.logs.lock().unwrap().join("\n")
     }
 
