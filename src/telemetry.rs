@@ -1,11 +1,13 @@
 //! Logs: `tracing` to stdout through a writer off the request path.
 //!
 //! A request's canonical line is formatted on the request's task and appended to a shared
-//! buffer: a lock and a copy, no system call. One thread writes the buffer out, at most once
-//! every [`LINGER`]: a line after a quiet spell goes out at once, and the lines that come
-//! sooner gather for the next `write`. A busy proxy makes one `write` and two context switches
-//! a `LINGER` instead of one a request; at one a millisecond they cost 13% of the throughput
-//! on one shared core (BENCHMARKS finding 55). When the buffer holds [`PENDING_LIMIT`] bytes (stdout
+//! buffer: a lock and a copy, no system call. One thread writes the buffer out: a line that
+//! finds it idle is written at once; after each write the thread waits [`LINGER`], and the lines
+//! that come meanwhile go out together in the next `write`. A busy proxy wakes the thread and
+//! writes once a `LINGER`, and its requests never wake it. (Woken by the first line of each
+//! burst and waiting a millisecond, it made the access log cost 13 to 15% of the throughput on
+//! one shared core with an HTTP/1.1 upstream; BENCHMARKS finding 55.) Lines also go out early
+//! when the buffer is half full. When the buffer holds [`PENDING_LIMIT`] bytes (stdout
 //! slower than the requests), a line is dropped, not waited for, and counted
 //! (`connector_proxy_log_lines_dropped_total`). Written here rather than taken from
 //! `tracing-appender`, whose non-blocking writer sends each line through a channel (waking its
@@ -14,7 +16,7 @@
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
@@ -29,8 +31,7 @@ pub mod trace;
 /// Bytes waiting to be written at the most: past this, lines are dropped.
 const PENDING_LIMIT: usize = 1 << 20;
 
-/// The least time between two writes: lines that come sooner wait for the next. Far below what
-/// fills [`PENDING_LIMIT`] (1 MiB in 20 ms is 200,000 lines a second).
+/// The writer's wait after each write, for lines to gather; a half-full buffer ends it early.
 const LINGER: Duration = Duration::from_millis(20);
 
 static DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -105,6 +106,10 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn half_full(&self, pending: &Pending) -> bool {
+        pending.bytes.len() >= self.limit / 2
+    }
+
     /// Takes what is pending and who asked for a flush, for one write.
     fn take(&self, spare: &mut Vec<u8>) -> Vec<std::sync::mpsc::SyncSender<()>> {
         let mut pending = self.lock();
@@ -139,11 +144,11 @@ impl Queue {
     }
 }
 
-/// The writer thread: sleeps until a line comes; writes what is pending at once if its last
-/// write was `linger` ago or more, else when it will be (or when a flush is asked for).
+/// The writer thread: sleeps until a line comes (the line wakes it), writes what is pending,
+/// then waits `linger` for more (pushes do not wake it then; a flush or a half-full buffer
+/// does), and writes again or goes back to sleep.
 fn write_out<W: Write>(shared: &Shared, mut out: W, linger: Duration) {
     let mut batch = Vec::new();
-    let mut last: Option<Instant> = None;
     loop {
         {
             let mut pending = shared.lock();
@@ -151,17 +156,15 @@ fn write_out<W: Write>(shared: &Shared, mut out: W, linger: Duration) {
                 pending.idle = true;
                 pending = shared.wake.wait(pending).unwrap_or_else(|p| p.into_inner());
             }
-            if let Some(wait) =
-                last.and_then(|at| (at + linger).checked_duration_since(Instant::now()))
-            {
-                let _ = shared
-                    .wake
-                    .wait_timeout_while(pending, wait, |p| p.flushed.is_empty())
-                    .unwrap_or_else(|p| p.into_inner());
-            }
         }
         write_batch(shared, &mut out, &mut batch);
-        last = Some(Instant::now());
+        let pending = shared.lock();
+        let _ = shared
+            .wake
+            .wait_timeout_while(pending, linger, |p| {
+                p.flushed.is_empty() && !shared.half_full(p)
+            })
+            .unwrap_or_else(|p| p.into_inner());
     }
 }
 
@@ -186,8 +189,11 @@ impl Queue {
             DROPPED.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let was_half_full = self.shared.half_full(&pending);
         pending.bytes.extend_from_slice(line);
-        let wake = std::mem::take(&mut pending.idle);
+        // Idle, or lingering while the buffer fills up.
+        let wake = std::mem::take(&mut pending.idle)
+            || (!was_half_full && self.shared.half_full(&pending));
         drop(pending);
         if wake {
             self.shared.wake.notify_one();
@@ -229,6 +235,8 @@ impl Drop for LogGuard {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     /// A writer that records each `write` call it gets.
@@ -281,24 +289,35 @@ mod tests {
         assert_eq!(written, b"last words\n");
     }
 
-    /// A line after a quiet spell is written at once; the lines that come within `linger` of a
-    /// write wait and go out together (here, with an hour's linger, when the guard asks).
+    /// A line that finds the writer idle is written at once; the lines that come within
+    /// `linger` of a write wait and go out together (here, with an hour's linger, once they
+    /// fill half the buffer, or when the guard asks).
     #[test]
     fn lines_after_a_write_gather_for_the_next_and_a_lone_line_goes_at_once() {
         let recorder = Recorder::default();
         let hour = Duration::from_secs(3600);
         let (mut queue, guard) = Queue::start(recorder.clone(), 1 << 16, hour);
+        let writes = || recorder.0.lock().unwrap().clone();
+        // Liveness only: how long the writer takes is not measured.
+        let wait_for = |n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while writes().len() < n && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
         queue.write_all(b"first\n").unwrap();
-        let written = || recorder.0.lock().unwrap().len();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while written() == 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(written(), 1, "the first line was not written at once");
+        wait_for(1);
+        assert_eq!(writes(), [b"first\n"], "the first line, written at once");
         queue.write_all(b"second\n").unwrap();
         queue.write_all(b"third\n").unwrap();
+        let half = vec![b'x'; 1 << 15];
+        queue.write_all(&half).unwrap();
+        wait_for(2);
+        let gathered = [&b"second\nthird\n"[..], &half].concat();
+        assert_eq!(writes(), [b"first\n".to_vec(), gathered], "half the buffer");
+        queue.write_all(b"last\n").unwrap();
         drop(guard);
-        let writes = recorder.0.lock().unwrap().clone();
-        assert_eq!(writes, [&b"first\n"[..], b"second\nthird\n"]);
+        assert_eq!(writes().len(), 3);
+        assert_eq!(writes()[2], b"last\n", "the flush at the end");
     }
 }
