@@ -10,7 +10,7 @@ pub mod replay;
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -69,7 +69,7 @@ struct Trace {
     /// caller cannot mint label values.
     found: Option<Arc<Connector>>,
     token: Option<&'static str>,
-    upstream_ms: Option<f64>,
+    upstream: Option<Duration>,
     /// One of the connector's `max_concurrent` slots, held until the response body ends.
     slot: Option<OwnedSemaphorePermit>,
     /// With `[telemetry]`: the request's span and the children it has so far.
@@ -152,7 +152,7 @@ impl Proxy {
     }
 
     /// At shutdown: exports the spans still queued, waiting `within` at the most.
-    pub async fn flush_traces(&self, within: std::time::Duration) {
+    pub async fn flush_traces(&self, within: Duration) {
         if let Some(tracer) = &self.tracer {
             tracer.flush(within).await;
         }
@@ -277,8 +277,8 @@ impl Proxy {
             error: code.unwrap_or("-"),
             detail: detail.as_deref().unwrap_or("-"),
             token: trace.token.unwrap_or("-"),
-            upstream_ms: trace.upstream_ms.unwrap_or(0.0),
-            duration_ms: millis(elapsed),
+            upstream: trace.upstream.unwrap_or_default(),
+            duration: elapsed,
         });
         response
     }
@@ -395,7 +395,7 @@ impl Routes {
             );
         }
         let mut response = sent?;
-        trace.upstream_ms = Some(millis(upstream_started.elapsed()));
+        trace.upstream = Some(upstream_started.elapsed());
         Dropped::response().strip(response.headers_mut());
         Ok(response)
     }
@@ -408,7 +408,7 @@ struct Exchange<'a> {
     authorization: HeaderValue,
     placement: &'a crate::credentials::Placement,
     deadline: tokio::time::Instant,
-    timeout: std::time::Duration,
+    timeout: Duration,
 }
 
 impl Exchange<'_> {
@@ -475,13 +475,6 @@ async fn send(
     Ok(upstream
         .send_resending(first, deadline, || Some(request(parts.headers.clone())))
         .await?)
-}
-
-/// Milliseconds to the microsecond, as the log line gives them: `0.412`, never
-/// `0.41236099999999997`, and a value the line writes without a search for its shortest digits.
-/// Exact below 2^53 microseconds (285 years).
-fn millis(elapsed: std::time::Duration) -> f64 {
-    elapsed.as_micros() as f64 / 1000.0
 }
 
 /// The request's target as the resource-domain rule reads it. An h2c request always carries a
