@@ -5,15 +5,19 @@
 //! (BENCHMARKS finding 35). Here the key is the authority's text lowercased, which is how
 //! `Authority`'s `Eq` compares (ASCII case ignored), hashed in one write. Authorities come from
 //! the configuration and are nearly always lowercase already, so a lookup copies nothing.
+//!
+//! The hasher is FNV, not SipHash: the authorities are the resource domains' own
+//! (`ResourceDomain::resolve` puts the domain's authority in every target), so no caller can
+//! choose keys that collide, which is what SipHash's keyed hashing is for (finding 57).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use fnv::FnvHashMap;
 use http::uri::Authority;
 
 pub struct Hosts<T> {
-    map: Mutex<HashMap<Box<str>, Arc<T>>>,
+    map: Mutex<FnvHashMap<Box<str>, Arc<T>>>,
 }
 
 impl<T> Default for Hosts<T> {
