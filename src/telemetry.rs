@@ -190,6 +190,14 @@ impl Queue {
             return;
         }
         let was_half_full = self.shared.half_full(&pending);
+        let needed = pending.bytes.len() + line.len();
+        if needed > pending.bytes.capacity() {
+            // Doubling, but never past the limit: with the batch being written, the log holds
+            // twice the limit at the most.
+            let grown = (pending.bytes.capacity() * 2).clamp(needed, self.shared.limit);
+            let len = pending.bytes.len();
+            pending.bytes.reserve_exact(grown - len);
+        }
         pending.bytes.extend_from_slice(line);
         // Idle, or lingering while the buffer fills up.
         let wake = std::mem::take(&mut pending.idle)
@@ -277,6 +285,21 @@ mod tests {
         let writes = recorder.0.lock().unwrap();
         assert_eq!(writes.len(), 1, "one write for the four pending lines");
         assert_eq!(writes[0], b"line 0\nline 1\nline 2\nline 3\n");
+    }
+
+    #[test]
+    fn the_buffer_never_reserves_room_past_the_limit() {
+        let mut queue = queue(1000);
+        for _ in 0..4 {
+            queue.write_all(&[b'x'; 300]).unwrap();
+        }
+        let pending = queue.shared.lock();
+        assert_eq!(pending.bytes.len(), 900, "the fourth line was dropped");
+        assert!(
+            pending.bytes.capacity() <= 1000,
+            "{}",
+            pending.bytes.capacity()
+        );
     }
 
     #[test]

@@ -169,9 +169,9 @@ macro_rules! quoted {
 }
 use quoted;
 
-/// Writes a line's fields after its message. Its writers are inlined into [`Line::write`], so
-/// that each name is copied as a constant of known length, a few moves instead of a call to
-/// `memcpy` (BENCHMARKS finding 56).
+/// Writes a line's fields after its message. The writers of names and strings are inlined into
+/// [`Line::write`], so that each name is copied as a constant of known length, a few moves
+/// instead of a call to `memcpy` (BENCHMARKS finding 56).
 struct Fields<'a> {
     line: &'a mut Vec<u8>,
     json: bool,
@@ -444,20 +444,29 @@ mod tests {
     /// that the line writes itself and that it leaves to the stock number forms.
     fn lines() -> Vec<Line<'static>> {
         let cases = [
-            ("acme", "-", Duration::ZERO, Duration::from_micros(412)),
             (
+                "flow-7",
+                "acme",
+                "-",
+                Duration::ZERO,
+                Duration::from_micros(412),
+            ),
+            (
+                "a\"b\\c",
                 "a\"c\\me",
-                "line\nbreak\ttab",
+                "line\nbreak\ttab, bell \u{7} and \u{200b} zero width",
                 Duration::from_nanos(12_345_678),
                 Duration::from_micros(3_500),
             ),
             (
+                "del\u{7f}",
                 "ünïcödé",
-                "bell \u{7} and \u{200b} zero width",
+                "del \u{7f}, the one byte to escape here",
                 Duration::from_nanos(999),
                 Duration::from_secs(100_000_000_000),
             ),
             (
+                "flow-8",
                 "",
                 "{\"json\": [1, 2]}",
                 Duration::MAX,
@@ -466,8 +475,8 @@ mod tests {
         ];
         cases
             .into_iter()
-            .map(|(org, detail, upstream, duration)| Line {
-                request_id: "flow-7",
+            .map(|(request_id, org, detail, upstream, duration)| Line {
+                request_id,
                 org,
                 connector: "billing",
                 method: "PATCH",
@@ -577,6 +586,8 @@ mod tests {
                 assert!(!write_thousandths(&mut Vec::new(), time), "{n}");
             }
         }
+        // Nanoseconds past the last whole microsecond are dropped, not rounded.
+        assert_eq!(written(Duration::from_nanos(1_999), false), " t=0.001");
     }
 
     #[test]
