@@ -463,7 +463,9 @@ fi
 
 if [ "$MODE" = serve ]; then   # leave everything running, for profiling by hand
     echo "connector-proxy pid $CP_PID on http://127.0.0.1:$CP (admin $CPA); nginx proxy on" \
-        "http://127.0.0.1:$NGX; upstream https://127.0.0.1:$UP (worker $(upstream_pid)). Ctrl-C stops."
+        "http://127.0.0.1:$NGX; HAProxy pid $HAP_PID on http://127.0.0.1:$HAP; bare forwarder" \
+        "pid $BARE_PID on http://127.0.0.1:$BARE; upstream https://127.0.0.1:$UP (worker" \
+        "$(upstream_pid)). Ctrl-C stops."
     sleep "${SERVE_SECONDS:-3600}"
     exit 0
 fi
