@@ -7,8 +7,9 @@
 //! the configuration and are nearly always lowercase already, so a lookup copies nothing.
 //!
 //! The hasher is FNV, not SipHash: the authorities are the resource domains' own
-//! (`ResourceDomain::resolve` puts the domain's authority in every target), so no caller can
-//! choose keys that collide, which is what SipHash's keyed hashing is for (finding 57).
+//! (`ResourceDomain::resolve` puts the domain's authority in every target) or those of the
+//! configured token and validation URLs, so no caller can choose keys that collide, which is
+//! what SipHash's keyed hashing is for (finding 57).
 
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
