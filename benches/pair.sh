@@ -11,11 +11,16 @@
 # nginx; then the medians of B's ratio to A (req/s) and of B's difference (CPU µs a request).
 # One build against a copy of itself gave 0.99x to 1.08x in four runs of 6 rounds (BENCHMARKS
 # finding 52): run it both ways round, and more than once, before reading a few percent.
+# Last, the median of B's CPU a request divided by nginx's in the same run, against A's: nginx
+# does the same work for every request, so its CPU a request follows the VM's speed of the
+# moment: within one run of 8 rounds a build's quotient spread 5 to 13%, its CPU 28 to 61%
+# (BENCHMARKS, eighteenth session). Changing how the proxy batches its upstream writes moves
+# nginx's share too.
 # Needs nginx, wrk, openssl and curl (`benches/load.sh` installs nginx and wrk when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 A=$1 B=$2 ROUNDS=${3:-8} SECS=${4:-4} CONNS=${5:-32}
@@ -93,11 +98,17 @@ for r in $(seq "$ROUNDS"); do
     if ((r % 2)); then run A; run B; else run B; run A; fi
 done | tee "$work/runs"
 awk '
-    { rps[$1] = $2; cpu[$1] = $3 }
-    NR % 2 == 0 { ratio[++k] = rps["B"] / rps["A"]; diff[k] = cpu["B"] - cpu["A"] }
+    { rps[$1] = $2; cpu[$1] = $3; up[$1] = $4 }
+    NR % 2 == 0 {
+        ratio[++k] = rps["B"] / rps["A"]; diff[k] = cpu["B"] - cpu["A"]
+        norm[k] = (cpu["B"] / up["B"]) / (cpu["A"] / up["A"])
+    }
     function median(v, n,   i, j, t) {
         for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
         return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
     }
-    END { printf "B against A, medians of %d rounds: %.2fx req/s, %+.1f proxy CPU us a request\n", k, median(ratio, k), median(diff, k) }
+    END {
+        printf "B against A, medians of %d rounds: %.2fx req/s, %+.1f proxy CPU us a request\n", k, median(ratio, k), median(diff, k)
+        printf "B against A, proxy CPU over nginx CPU a request in the same run: %.3fx\n", median(norm, k)
+    }
 ' "$work/runs"
