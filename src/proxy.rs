@@ -292,7 +292,10 @@ impl Routes {
         request_id: &HeaderValue,
         trace: &mut Trace,
     ) -> Result<Response<ReceivedBody>, ProxyError> {
-        let headers = request.headers();
+        // Parted at once: a request borrowed before it is parted keeps its room in the future
+        // after it, beside the parts (264 bytes more in every request's; BENCHMARKS finding 60).
+        let (mut parts, body) = request.into_parts();
+        let headers = &parts.headers;
         let connector_name = match single_header(headers, &self.connector_header) {
             Header::One(value) => {
                 trace.connector = Some(value.clone());
@@ -335,7 +338,7 @@ impl Routes {
         trace.found = Some(connector.clone());
         let target = connector
             .resource_domain
-            .resolve(&request_target(&request))
+            .resolve(&request_target(&parts))
             .map_err(|e| ProxyError::target(e, &connector.resource_domain))?;
         // Limits after the rule (a refused target spends nothing), before the credentials (a
         // limited request fetches no token).
@@ -344,7 +347,6 @@ impl Routes {
         let (authorization, lookup) = trace.authorization(&connector.credentials).await?;
         trace.token = lookup.map(|l| l.as_str());
 
-        let (mut parts, body) = request.into_parts();
         self.dropped.strip(&mut parts.headers);
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
         parts.uri = target.uri;
@@ -480,9 +482,9 @@ async fn send(
 /// The request's target as the resource-domain rule reads it. An h2c request always carries a
 /// scheme and an authority: with `:scheme http` it was sent to the proxy itself, origin-form
 /// (its `:authority` names the proxy); with `:scheme https` it is absolute-form.
-fn request_target(request: &Request<Incoming>) -> Cow<'_, Uri> {
-    let uri = request.uri();
-    if request.version() == Version::HTTP_2 && uri.scheme() == Some(&Scheme::HTTP) {
+fn request_target(request: &http::request::Parts) -> Cow<'_, Uri> {
+    let uri = &request.uri;
+    if request.version == Version::HTTP_2 && uri.scheme() == Some(&Scheme::HTTP) {
         let origin_form = uri.path_and_query().map_or("/", |p| p.as_str());
         if let Ok(uri) = Uri::try_from(origin_form) {
             return Cow::Owned(uri);
