@@ -246,7 +246,10 @@ mod tests {
     #[test]
     fn a_requests_future_stays_small() {
         let size = returned_size(serve);
-        assert!(size <= LIMIT, "serve's future is {size} bytes, over {LIMIT}");
+        assert!(
+            size <= LIMIT,
+            "serve's future is {size} bytes, over {LIMIT}"
+        );
         const LIMIT: usize = 6_000;
     }
 }
