@@ -188,6 +188,24 @@ impl Fields<'_> {
     #[inline(always)]
     fn string(&mut self, name: Name, value: &str) {
         self.name(name);
+        self.after_quote(value);
+    }
+
+    /// A field logged with `%` (`Display`): as it is in text, a JSON string in JSON.
+    #[inline(always)]
+    fn shown(&mut self, name: Name, value: &str) {
+        self.name(name);
+        if self.json {
+            self.line.push(b'"');
+            self.after_quote(value);
+        } else {
+            self.line.extend_from_slice(value.as_bytes());
+        }
+    }
+
+    /// A string's value after its opening quote: as it is and the closing quote, or escaped.
+    #[inline(always)]
+    fn after_quote(&mut self, value: &str) {
         if plain(value) {
             self.line.extend_from_slice(value.as_bytes());
             self.line.push(b'"');
@@ -199,21 +217,6 @@ impl Fields<'_> {
             let _ = serde_json::to_writer(&mut *self.line, value);
         } else {
             let _ = write!(self.line, "{value:?}");
-        }
-    }
-
-    /// A field logged with `%` (`Display`): as it is in text, a JSON string in JSON.
-    #[inline(always)]
-    fn shown(&mut self, name: Name, value: &str) {
-        self.name(name);
-        if !self.json {
-            self.line.extend_from_slice(value.as_bytes());
-        } else if plain(value) {
-            self.line.push(b'"');
-            self.line.extend_from_slice(value.as_bytes());
-            self.line.push(b'"');
-        } else {
-            let _ = serde_json::to_writer(&mut *self.line, value);
         }
     }
 
